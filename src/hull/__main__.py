@@ -1,0 +1,5 @@
+import sys
+
+from hull.cli.main import main
+
+sys.exit(main())

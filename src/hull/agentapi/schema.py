@@ -1,0 +1,337 @@
+"""Control messages of the agent API (stream 0 of the channel), defined once for both sides.
+
+A control frame holds one JSON object:
+
+- REQUEST  (host -> agent) ``{"id": int, "method": str, "params": {...}}``
+- RESPONSE (agent -> host) ``{"id": int, "result": {...}}`` or
+  ``{"id": int, "error": {"kind": str, "message": str}}``
+- EVENT    (agent -> host) ``{"event": str, ...}``
+
+The first request on a channel is ``hello``; the agent refuses everything else before it,
+and the host refuses an agent whose major ``PROTOCOL_VERSION`` differs.
+
+Everything decoded here is checked for type and bounds: the host treats the guest as
+untrusted (a lying guest gets :class:`SchemaError`, and the host drops the VM).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_ID_LEN = 1024
+MAX_TEXT = 64 * 1024
+MAX_STREAM_ID = 2**31 - 1
+
+
+class SchemaError(ValueError):
+    """A control message that does not fit the schema."""
+
+
+class Method(enum.StrEnum):
+    HELLO = "hello"
+    CREATE_CONTAINER = "create_container"
+    START_CONTAINER = "start_container"
+    EXEC_PROCESS = "exec_process"
+    SIGNAL_PROCESS = "signal_process"
+    RESIZE_PTY = "resize_pty"
+    DELETE_CONTAINER = "delete_container"
+    SHUTDOWN = "shutdown"
+
+
+class Event(enum.StrEnum):
+    PROCESS_EXIT = "process_exit"
+
+
+class ErrorKind(enum.StrEnum):
+    """Error classes the agent reports; the host maps them onto its own exceptions."""
+
+    INVALID = "invalid"  # the request is malformed or names something that cannot work
+    NOT_FOUND = "not_found"  # unknown container or process
+    EXISTS = "exists"  # a container or process of that id exists already
+    STATE = "state"  # the object's state forbids the operation
+    FAILED = "failed"  # the operation was valid but failed in the guest (message says why)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SchemaError(f"{what} is not an object")
+    return value
+
+
+def get_str(obj: dict[str, Any], key: str, *, max_len: int = MAX_TEXT, optional: bool = False
+            ) -> str:
+    value = obj.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise SchemaError(f"{key} must be a string")
+    if len(value) > max_len:
+        raise SchemaError(f"{key} is longer than {max_len} characters")
+    return value
+
+
+def get_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SchemaError(f"{key} must be an integer")
+    if not lo <= value <= hi:
+        raise SchemaError(f"{key}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def get_opt_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    return None if obj.get(key) is None else get_int(obj, key, lo, hi)
+
+
+def get_bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise SchemaError(f"{key} must be a boolean")
+    return value
+
+
+# ---------------------------------------------------------------------------- envelopes
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"control message is not JSON: {exc}") from None
+    return _obj(value, "control message")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    method: Method
+    params: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "method": str(self.method), "params": self.params}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Request:
+        try:
+            method = Method(get_str(obj, "method", max_len=64))
+        except ValueError:
+            raise SchemaError(f"unknown method {obj.get('method')!r}") from None
+        return cls(get_int(obj, "id", 0, 2**53), method, _obj(obj.get("params", {}), "params"))
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: int
+    result: dict[str, Any] | None = None
+    error_kind: ErrorKind | None = None
+    error_message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error_kind is not None:
+            return {"id": self.id,
+                    "error": {"kind": str(self.error_kind), "message": self.error_message}}
+        return {"id": self.id, "result": self.result or {}}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Response:
+        rid = get_int(obj, "id", 0, 2**53)
+        if "error" in obj:
+            err = _obj(obj["error"], "error")
+            try:
+                kind = ErrorKind(get_str(err, "kind", max_len=32))
+            except ValueError:
+                kind = ErrorKind.FAILED
+            return cls(rid, None, kind, get_str(err, "message", max_len=4096))
+        return cls(rid, _obj(obj.get("result", {}), "result"))
+
+
+# ---------------------------------------------------------------------------- payloads
+
+
+@dataclass(frozen=True, slots=True)
+class Stdio:
+    """Stream ids of one process; None where the process gets /dev/null.
+
+    With a terminal, the pty's output travels on ``stdout`` and ``stderr`` is None.
+    """
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+    def streams(self) -> list[int]:
+        return [s for s in (self.stdin, self.stdout, self.stderr) if s is not None]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Stdio:
+        o = _obj(obj, "stdio")
+        stdio = cls(*(get_opt_int(o, k, 1, MAX_STREAM_ID) for k in ("stdin", "stdout", "stderr")))
+        ids = stdio.streams()
+        if len(set(ids)) != len(ids):
+            raise SchemaError("stdio uses one stream id twice")
+        return stdio
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int = PROTOCOL_VERSION
+    #: Host entropy (hex) the agent mixes into the guest RNG before anything else runs.
+    entropy: str = ""
+    #: Host wall clock, so a guest (or a restored template clone) starts with the right time.
+    time_ns: int = 0
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Hello:
+        return cls(get_int(o, "version", 0, 2**31), get_str(o, "entropy", max_len=1024,
+                   optional=True), get_int(o, "time_ns", 0, 2**63))
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply:
+    version: int
+    agent_version: str
+    kernel_release: str
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> HelloReply:
+        return cls(get_int(o, "version", 0, 2**31), get_str(o, "agent_version", max_len=64),
+                   get_str(o, "kernel_release", max_len=256))
+
+
+@dataclass(frozen=True, slots=True)
+class RootfsShare:
+    """How the container's root filesystem reaches the guest: a virtio-9p mount tag."""
+
+    tag: str
+    readonly: bool = False
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RootfsShare:
+        o = _obj(obj, "rootfs")
+        return cls(get_str(o, "tag", max_len=31), get_bool(o, "readonly"))
+
+
+@dataclass(frozen=True, slots=True)
+class CreateContainer:
+    """Create the container and its init process, stopped before exec until start."""
+
+    container_id: str
+    #: The bundle's config.json, already validated by the host; root.path is ignored.
+    spec: dict[str, Any]
+    rootfs: RootfsShare
+    stdio: Stdio = field(default_factory=Stdio)
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> CreateContainer:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN), _obj(o.get("spec"), "spec"),
+                   RootfsShare.from_json(o.get("rootfs")), Stdio.from_json(o.get("stdio", {})))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessPid:
+    """Reply to create_container / exec_process: the process's pid in the guest.
+
+    Informational only: the host never signals or trusts a guest pid.
+    """
+
+    pid: int
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ProcessPid:
+        return cls(get_int(o, "pid", 1, 2**22))
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRef:
+    container_id: str
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ContainerRef:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class ExecProcess:
+    container_id: str
+    exec_id: str
+    #: An OCI runtime-spec ``process`` object.
+    process: dict[str, Any]
+    stdio: Stdio = field(default_factory=Stdio)
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ExecProcess:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN),
+                   get_str(o, "exec_id", max_len=MAX_ID_LEN), _obj(o.get("process"), "process"),
+                   Stdio.from_json(o.get("stdio", {})))
+
+
+@dataclass(frozen=True, slots=True)
+class SignalProcess:
+    container_id: str
+    #: "" is the container's init process.
+    exec_id: str
+    signal: int
+    #: Signal every process of the container (runc kill --all).
+    all: bool = False
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> SignalProcess:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN),
+                   get_str(o, "exec_id", max_len=MAX_ID_LEN, optional=True),
+                   get_int(o, "signal", 1, 64), get_bool(o, "all"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResizePty:
+    container_id: str
+    exec_id: str
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ResizePty:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN),
+                   get_str(o, "exec_id", max_len=MAX_ID_LEN, optional=True),
+                   get_int(o, "rows", 0, 65535), get_int(o, "cols", 0, 65535))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit:
+    """EVENT: a container's init ("" exec_id) or exec process ended.
+
+    ``status`` follows the shell convention: the exit code, or 128+N for death by signal N.
+    The agent sends it only after the process's output streams have been flushed and
+    closed, so the host has all of a process's output when it learns of the exit.
+    """
+
+    container_id: str
+    exec_id: str
+    status: int
+    signal: int | None = None
+    oom_killed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": str(Event.PROCESS_EXIT), **asdict(self)}
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ProcessExit:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN),
+                   get_str(o, "exec_id", max_len=MAX_ID_LEN, optional=True),
+                   get_int(o, "status", 0, 255), get_opt_int(o, "signal", 1, 64),
+                   get_bool(o, "oom_killed"))
+
+
+def params(payload: Any) -> dict[str, Any]:
+    """A payload dataclass as the JSON params/result object."""
+    return asdict(payload)

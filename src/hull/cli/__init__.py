@@ -1,0 +1,1 @@
+"""Command-line front end: argument parsing only; every verb calls into hull.runtime."""

@@ -1,0 +1,64 @@
+"""`hull`: the runc-compatible command line. Parses arguments and calls into the runtime.
+
+Each verb lives in its own module under hull.cli and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` to a callable ``(Context, Namespace) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from hull import __version__
+from hull.cli import check, image, kernel, run
+from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
+from hull.errors import HullError
+
+VERBS = (run, check, kernel, image)
+log = logging.getLogger("hull")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hull",
+        description="Hull: an OCI runtime that runs every container in its own lightweight VM.",
+    )
+    parser.add_argument("--root", default=str(DEFAULT_ROOT),
+                        help="directory for container state (default: %(default)s)")
+    parser.add_argument("--log", default=None, help="log to this file instead of stderr")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log format (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument("--config", default=None,
+                        help="configuration file (default: $HULL_CONFIG or "
+                             "/etc/hull/configuration.toml)")
+    parser.add_argument("--version", "-v", action="version",
+                        version=f"hull version {__version__}\nspec: 1.1.0")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    for verb in VERBS:
+        verb.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log, args.log_format, args.debug)
+    ctx = Context.from_args(args)
+    try:
+        code: int = args.func(ctx, args)
+    except HullError as exc:
+        log.debug("command failed", exc_info=True)
+        if args.log:
+            log.error(str(exc))
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hull's configuration (/etc/hull/configuration.toml)."""

@@ -1,0 +1,115 @@
+"""Loading and checking configuration.toml.
+
+One table of settings drives parsing, checking and documentation: each key has a type and
+a default; unknown keys and wrong types are rejected with the key named.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hull.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/hull/configuration.toml")
+ENV_VAR = "HULL_CONFIG"
+ACCELERATORS = ("auto", "kvm", "tcg")
+MACHINE_TYPES = ("microvm", "q35")
+
+
+@dataclass
+class HypervisorConfig:
+    path: str = "qemu-system-x86_64"
+    kernel: str = ""
+    image: str = ""
+    machine_type: str = "microvm"
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    accelerator: str = "auto"
+    kernel_params: str = ""
+    debug_console: bool = False
+    boot_timeout: float = 30.0
+    sandbox: bool = True
+
+    def check(self) -> None:
+        _one_of("hypervisor.accelerator", self.accelerator, ACCELERATORS)
+        _one_of("hypervisor.machine_type", self.machine_type, MACHINE_TYPES)
+        _in_range("hypervisor.default_vcpus", self.default_vcpus, 1, 256)
+        _in_range("hypervisor.default_memory_mib", self.default_memory_mib, 64, 1 << 20)
+        _in_range("hypervisor.boot_timeout", self.boot_timeout, 1, 3600)
+
+
+@dataclass
+class RuntimeConfig:
+    asset_dir: str = "/var/lib/hull"
+
+    def check(self) -> None:
+        if not os.path.isabs(self.asset_dir):
+            raise ConfigError(f"runtime.asset_dir must be an absolute path, not {self.asset_dir!r}")
+
+
+@dataclass
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: Path | None = None
+
+    @property
+    def asset_dir(self) -> Path:
+        return Path(self.runtime.asset_dir)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _in_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value} is outside [{lo}, {hi}]")
+
+
+def _fill(section: Any, name: str, table: Any, source: Path) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    known = {f.name: f for f in fields(section)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name}.{key}")
+        want = type(getattr(section, key))
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{source}: {name}.{key} must be of type {want.__name__}")
+        setattr(section, key, value)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration: ``path``, else $HULL_CONFIG, else the default file if present."""
+    explicit = path or os.environ.get(ENV_VAR)
+    source = Path(explicit) if explicit else DEFAULT_PATH
+    config = Config()
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"configuration file {source} does not exist") from None
+        data = {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {source}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    else:
+        config.source = source
+    for name, table in data.items():
+        section = getattr(config, name, None) if name in ("hypervisor", "runtime") else None
+        if section is None:
+            raise ConfigError(f"{source}: unknown table [{name}]")
+        _fill(section, name, table, source)
+    config.hypervisor.check()
+    config.runtime.check()
+    return config

@@ -1,0 +1,1 @@
+"""The QEMU driver: pure argv generation (argv.py) apart from the process owner (machine.py)."""

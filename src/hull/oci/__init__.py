@@ -1,0 +1,1 @@
+"""OCI runtime-spec: bundles, config.json, state JSON."""

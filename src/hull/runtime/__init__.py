@@ -1,0 +1,1 @@
+"""The runtime: sandbox and container lifecycle, state on disk. Front ends call into it."""
