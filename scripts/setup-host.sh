@@ -1,0 +1,39 @@
+#!/bin/bash
+# Set up a Debian 12 host for Hull (as root): system packages, a virtualenv with Hull and
+# its test tools in /opt/hull/venv, `hull` on PATH, and /etc/hull/configuration.toml.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=/opt/hull/venv
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-host.sh: run as root (it installs packages)" >&2
+    exit 1
+fi
+
+packages=(
+    qemu-system-x86 busybox-static                        # run VMs; demo and test rootfs
+    linux-source-6.1 build-essential flex bison bc        # hull kernel build
+    libelf-dev libssl-dev cpio xz-utils zstd kmod
+    python3 python3-venv python3-dev                      # Hull itself
+    runc                                                  # benchmarks compare against it
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-host.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's own Python (3.11): the guest image carries the same version.
+if [ ! -x "$venv/bin/python" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
+ln -sf "$venv/bin/hull" /usr/local/bin/hull
+if [ ! -e /etc/hull/configuration.toml ]; then
+    install -D -m 0644 "$repo/src/hull/config/configuration.toml" /etc/hull/configuration.toml
+fi
+echo "setup-host.sh: hull is $(command -v hull) ($(hull --version | head -n1))"

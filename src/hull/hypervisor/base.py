@@ -1,0 +1,95 @@
+"""The Hypervisor interface every driver implements, and the VM description it consumes."""
+
+from __future__ import annotations
+
+import enum
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Accel(enum.StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Capability(enum.Flag):
+    NONE = 0
+    PAUSE = enum.auto()
+    FS_SHARE = enum.auto()
+    CPU_HOTPLUG = enum.auto()
+    MEMORY_HOTPLUG = enum.auto()
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest over virtio-9p under ``tag``."""
+
+    tag: str
+    path: Path
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """Everything a driver needs to start one sandbox VM. Pure data: no side effects."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    console_log: Path
+    accel: Accel = Accel.TCG
+    machine_type: str = "microvm"
+    vcpus: int = 1
+    memory_mib: int = 256
+    kernel_params: tuple[str, ...] = ()
+    shares: tuple[Share, ...] = ()
+    sandbox: bool = True
+    #: host TSC frequency for tsc_early_khz (0: unknown); avoids a slow PIT calibration.
+    tsc_khz: int = 0
+    extra_args: tuple[str, ...] = field(default=())
+
+
+class Hypervisor(ABC):
+    """One VM. Drivers are async context managers: leaving the block always stops the VM."""
+
+    capabilities: Capability = Capability.NONE
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the VM; returns once the hypervisor runs (not when the guest is up)."""
+
+    @abstractmethod
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Stop the VM: politely, then by force after ``timeout`` seconds. Idempotent."""
+
+    @abstractmethod
+    async def pause(self) -> None: ...
+
+    @abstractmethod
+    async def resume(self) -> None: ...
+
+    @abstractmethod
+    def agent_socket(self) -> socket.socket:
+        """The host end of the agent channel (a connected stream socket)."""
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """The hypervisor's host pid while it runs."""
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait for the hypervisor process to end; its exit status."""
+
+    @abstractmethod
+    def console_tail(self, lines: int = 20) -> str:
+        """The last lines the guest printed on its console (for error messages)."""
+
+    async def __aenter__(self) -> Hypervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,182 @@
+"""QemuVM: owns one QEMU process, its QMP connection and its agent socket.
+
+An async context manager: whatever happens inside the block, leaving it stops QEMU and
+closes every descriptor. QEMU also gets PR_SET_PDEATHSIG=SIGKILL so it cannot outlive
+the Hull process that started it, even when that process is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+from collections import deque
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from hull.errors import HypervisorError
+from hull.hypervisor.base import Capability, Hypervisor, VMConfig
+from hull.hypervisor.qemu import argv as qemu_argv
+
+log = logging.getLogger("hull.qemu")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def resolve_binary(path: str) -> str:
+    found = shutil.which(path)
+    if not found:
+        raise HypervisorError(f"hypervisor binary {path} not found (apt-get install "
+                              "qemu-system-x86, or set hypervisor.path)")
+    return found
+
+
+class QemuVM(Hypervisor):
+    capabilities = Capability.PAUSE | Capability.FS_SHARE
+
+    def __init__(self, binary: str, config: VMConfig) -> None:
+        self.binary = resolve_binary(binary)
+        self.config = config
+        self._proc: asyncio.subprocess.Process | None = None
+        self._agent: socket.socket | None = None
+        self._qmp_sock: socket.socket | None = None
+        self._qmp: QMPClient | None = None
+        self._stderr = b""
+        self._stderr_task: asyncio.Task[None] | None = None
+
+    # -------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        agent_host, agent_vm = socket.socketpair()
+        qmp_host, qmp_vm = socket.socketpair()
+        self._agent, self._qmp_sock = agent_host, qmp_host
+        argv = qemu_argv.build(self.binary, self.config,
+                               qemu_argv.Fds(agent_vm.fileno(), qmp_vm.fileno()))
+        log.debug("starting %s", " ".join(argv))
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(agent_vm.fileno(), qmp_vm.fileno()),
+                preexec_fn=_die_with_parent, start_new_session=True)
+        except OSError as exc:
+            self._close_sockets()
+            raise HypervisorError(f"cannot start {self.binary}: {exc.strerror}") from exc
+        finally:
+            agent_vm.close()
+            qmp_vm.close()
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
+        try:
+            self._qmp = QMPClient(f"hull-{self.config.name}")
+            await asyncio.wait_for(self._qmp.connect(qmp_host), timeout=10)
+        except (QMPError, OSError, TimeoutError) as exc:
+            status = await self._reap(2.0)
+            raise HypervisorError(self._failure(f"qemu exited with status {status}")) from exc
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            if self._qmp is not None:
+                with contextlib.suppress(QMPError, OSError, TimeoutError, EOFError):
+                    await asyncio.wait_for(self._qmp.execute("quit"), timeout=timeout)
+            await self._reap(timeout)
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.disconnect(), timeout=1)
+            self._qmp = None
+        if self._stderr_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stderr_task, timeout=1)
+        self._close_sockets()
+
+    async def _reap(self, timeout: float) -> int:
+        assert self._proc is not None
+        try:
+            return await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            return await self._proc.wait()
+
+    def kill(self) -> None:
+        """Kill QEMU at once (the guest broke the protocol or stopped answering)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    def _close_sockets(self) -> None:
+        for sock in (self._agent, self._qmp_sock):
+            if sock is not None:
+                sock.close()
+        self._agent = self._qmp_sock = None
+
+    async def _collect_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        # Keep only the tail: QEMU's stderr is for error messages, never unbounded output.
+        self._stderr = (self._stderr + await self._proc.stderr.read(64 * 1024))[-8192:]
+
+    def _failure(self, what: str) -> str:
+        err = self._stderr.decode(errors="replace").strip().splitlines()
+        return f"{what}: {err[-1]}" if err else what
+
+    # -------------------------------------------------------------------- queries
+
+    async def pause(self) -> None:
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def _execute(self, command: str) -> None:
+        if self._qmp is None:
+            raise HypervisorError(f"vm {self.config.name} is not running")
+        try:
+            await self._qmp.execute(command)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"qmp {command} on vm {self.config.name} failed: {exc}"
+                                  ) from exc
+
+    def agent_socket(self) -> socket.socket:
+        if self._agent is None:
+            raise HypervisorError(f"vm {self.config.name} is not running")
+        return self._agent
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    async def wait(self) -> int:
+        if self._proc is None:
+            raise HypervisorError(f"vm {self.config.name} was never started")
+        return await self._proc.wait()
+
+    def exit_reason(self) -> str:
+        """Why QEMU ended, from its stderr and status (call after it exited)."""
+        return self._failure(f"qemu exited with status {self.returncode}")
+
+    def console_tail(self, lines: int = 20) -> str:
+        return tail_lines(self.config.console_log, lines)
+
+
+def tail_lines(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r", "")
+    kept = deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines)
+    return " | ".join(kept)

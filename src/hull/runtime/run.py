@@ -1,0 +1,172 @@
+"""`hull run` in the foreground: one container in one VM, torn down when it exits.
+
+Built from the pieces create/start reuse: the bundle check, the state directory, the
+Sandbox (VM + agent), ProcessIO (stdio streams), signal forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hull.agentapi import schema
+from hull.config.settings import Config
+from hull.errors import HypervisorError
+from hull.hypervisor.base import Share
+from hull.oci.bundle import Bundle
+from hull.runtime.sandbox import Sandbox
+from hull.runtime.state import ContainerDir, ContainerState, Status
+from hull.runtime.stdio import HostStdio, ProcessIO
+
+log = logging.getLogger("hull.run")
+ROOTFS_TAG = "hullroot"
+#: Signals `hull run` passes on to the container process (as runc's signal forwarding).
+FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP,
+             signal.SIGTTIN, signal.SIGTTOU, signal.SIGURG, signal.SIGXCPU, signal.SIGXFSZ,
+             signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGSYS)
+
+
+def rootfs_share(bundle: Bundle) -> Share:
+    return Share(ROOTFS_TAG, bundle.rootfs, readonly=bundle.readonly_rootfs)
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """Put the caller's terminal in raw mode while a container owns it."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def terminal_size(fd: int) -> tuple[int, int] | None:
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return None
+    return size.lines, size.columns
+
+
+def with_console_size(bundle: Bundle) -> dict[str, object]:
+    """The spec to send: with a terminal, the caller's window size as consoleSize."""
+    spec = dict(bundle.spec)
+    size = terminal_size(1) if bundle.terminal else None
+    if size:
+        spec["process"] = {**bundle.process,
+                           "consoleSize": {"height": size[0], "width": size[1]}}
+    return spec
+
+
+async def run_container(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
+    cdir = ContainerDir(root, container_id)
+    cdir.create()
+    try:
+        with cdir.locked():
+            state = ContainerState(id=container_id, bundle=str(bundle.path),
+                                   created=datetime.datetime.now(datetime.UTC).isoformat(),
+                                   annotations=bundle.annotations)
+            cdir.save(state)
+            with raw_terminal(0) if bundle.terminal else contextlib.nullcontext():
+                return await _run_in_vm(config, root, cdir, state, bundle)
+    finally:
+        cdir.remove()
+
+
+async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: ContainerState,
+                     bundle: Bundle) -> int:
+    cid = cdir.id
+    async with Sandbox(config, cid, cdir.console_log, (rootfs_share(bundle),),
+                       state_root=root) as sandbox:
+        assert sandbox.channel is not None and sandbox.vm is not None
+        state.vm_pid = sandbox.vm.pid or 0
+        exited = sandbox.exit_future(cid)
+        io = ProcessIO.open(sandbox.channel, HostStdio(terminal=bundle.terminal))
+        request = schema.CreateContainer(cid, with_console_size(bundle),
+                                         schema.RootfsShare(ROOTFS_TAG, bundle.readonly_rootfs),
+                                         io.streams)
+        await sandbox.call(schema.Method.CREATE_CONTAINER, request)
+        state.status, state.pid = Status.CREATED, os.getpid()
+        cdir.save(state)
+        io.start_input()
+        await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
+        state.status = Status.RUNNING
+        cdir.save(state)
+        with _forward_signals(sandbox, cid, bundle.terminal):
+            vm_died = asyncio.ensure_future(sandbox.watch_vm())
+            waiting: list[asyncio.Future[Any]] = [exited, vm_died]
+            try:
+                done, _ = await asyncio.wait(waiting,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                vm_died.cancel()
+            if exited not in done:
+                raise HypervisorError(f"vm of container {cid} died: {vm_died.result()}")
+            await io.drain()
+        state.status = Status.STOPPED
+        cdir.save(state)
+        return exited.result().status
+
+
+@contextlib.contextmanager
+def _forward_signals(sandbox: Sandbox, cid: str, terminal: bool) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[object]] = set()
+
+    def send(signum: int) -> None:
+        request = schema.SignalProcess(cid, "", signum)
+        task = loop.create_task(sandbox.call(schema.Method.SIGNAL_PROCESS, request))
+        tasks.add(task)
+        task.add_done_callback(_forget(tasks))
+
+    def resize() -> None:
+        size = terminal_size(1)
+        if size:
+            request = schema.ResizePty(cid, "", size[0], size[1])
+            task = loop.create_task(sandbox.call(schema.Method.RESIZE_PTY, request))
+            tasks.add(task)
+            task.add_done_callback(_forget(tasks))
+
+    installed: list[signal.Signals] = []
+    for sig in FORWARDED:
+        loop.add_signal_handler(sig, send, int(sig))
+        installed.append(sig)
+    if terminal:
+        loop.add_signal_handler(signal.SIGWINCH, resize)
+        installed.append(signal.SIGWINCH)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _forget(tasks: set[asyncio.Task[object]]):  # type: ignore[no-untyped-def]
+    def done(task: asyncio.Task[object]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("forwarding failed: %s", task.exception())
+
+    return done
+
+
+def run(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
+    try:
+        return asyncio.run(run_container(config, root, container_id, bundle))
+    finally:
+        sys.stdout.flush()

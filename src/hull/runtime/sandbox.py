@@ -1,0 +1,181 @@
+"""Sandbox: one VM with its agent channel. The first container of a sandbox boots it.
+
+``async with Sandbox(...)`` boots QEMU, connects the agent and completes the handshake;
+leaving the block shuts the guest down and stops QEMU, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hull import __version__
+from hull.agentapi import schema
+from hull.config.settings import Config
+from hull.errors import AgentError, BootError, HullError, HypervisorError, ProtocolError
+from hull.hypervisor import accel
+from hull.hypervisor.base import Share, VMConfig
+from hull.hypervisor.qemu.machine import QemuVM
+from hull.proxy.channel import AgentChannel
+from hull.runtime.assets import resolve
+
+log = logging.getLogger("hull.sandbox")
+ExitKey = tuple[str, str]  # (container id, exec id)
+
+
+def host_tsc_khz() -> int:
+    """The host TSC frequency, passed as tsc_early_khz (avoids PIT calibration under TCG)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Sandbox:
+    def __init__(self, config: Config, sandbox_id: str, console_log: Path,
+                 shares: tuple[Share, ...] = (), state_root: Path | None = None) -> None:
+        self.config = config
+        self.id = sandbox_id
+        self.console_log = console_log
+        self.shares = shares
+        self.state_root = state_root
+        self.vm: QemuVM | None = None
+        self.channel: AgentChannel | None = None
+        self.hello: schema.HelloReply | None = None
+        self._exits: dict[ExitKey, asyncio.Future[schema.ProcessExit]] = {}
+        self.on_exit: Callable[[schema.ProcessExit], None] | None = None
+        self.boot_seconds = 0.0
+
+    def vm_config(self) -> VMConfig:
+        hv = self.config.hypervisor
+        assets = resolve(self.config)
+        cache = self.state_root / "accel.json" if self.state_root else None
+        decision = accel.choose(hv.accelerator, hv.path, cache)
+        log.debug("accelerator %s: %s", decision.accel, decision.reason)
+        return VMConfig(
+            name=self.id, kernel=assets.kernel, initrd=assets.initrd,
+            console_log=self.console_log, accel=decision.accel,
+            machine_type=hv.machine_type, vcpus=hv.default_vcpus,
+            memory_mib=hv.default_memory_mib, kernel_params=tuple(hv.kernel_params.split()),
+            shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz())
+
+    async def __aenter__(self) -> Sandbox:
+        started = time.monotonic()
+        self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
+        await self.vm.start()
+        try:
+            self.channel = AgentChannel(self.vm.agent_socket(), f"sandbox {self.id}",
+                                        on_event=self._event, on_violation=self._violation)
+            await self.channel.open()
+            await self._handshake()
+        except BaseException:
+            await self._teardown()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        log.debug("sandbox %s ready in %.3fs", self.id, self.boot_seconds)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._teardown()
+
+    async def _handshake(self) -> None:
+        assert self.vm is not None and self.channel is not None
+        timeout = self.config.hypervisor.boot_timeout
+        hello = schema.Hello(entropy=os.urandom(32).hex(), time_ns=time.time_ns())
+        ask = asyncio.ensure_future(
+            self.channel.request(schema.Method.HELLO, schema.params(hello)))
+        died = asyncio.ensure_future(self.vm.wait())
+        try:
+            done, _ = await asyncio.wait({ask, died}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if ask not in done:
+            ask.cancel()
+            with contextlib.suppress(BaseException):
+                await ask
+            what = (self.vm.exit_reason() if died in done
+                    else f"the agent did not answer within {timeout:g}s")
+            raise BootError(f"vm of {self.id} failed to boot: {what}", self.vm.console_tail())
+        try:
+            reply = schema.HelloReply.from_json(ask.result())
+        except (schema.SchemaError, ProtocolError, AgentError) as exc:
+            raise BootError(f"vm of {self.id}: agent handshake failed: {exc}",
+                            self.vm.console_tail()) from exc
+        if reply.version != schema.PROTOCOL_VERSION:
+            raise BootError(f"vm of {self.id}: agent speaks protocol {reply.version}, hull "
+                            f"{__version__} speaks {schema.PROTOCOL_VERSION}: rebuild the "
+                            "guest image with `hull image build`")
+        self.hello = reply
+
+    async def _teardown(self) -> None:
+        if self.channel is not None and not self.channel.failure:
+            with contextlib.suppress(HullError, OSError):
+                await self.channel.request(schema.Method.SHUTDOWN, {}, timeout=1.0)
+        if self.channel is not None:
+            await self.channel.close()
+        if self.vm is not None:
+            await self.vm.stop(timeout=1.0)
+        for fut in self._exits.values():
+            if not fut.done():
+                fut.set_exception(HypervisorError(f"vm of {self.id} stopped"))
+
+    # ----------------------------------------------------------------- requests
+
+    async def call(self, method: schema.Method, payload: Any,
+                   timeout: float | None = 30.0) -> dict[str, Any]:
+        if self.channel is None:
+            raise HypervisorError(f"sandbox {self.id} is not running")
+        body = payload if isinstance(payload, dict) else schema.params(payload)
+        return await self.channel.request(method, body, timeout=timeout)
+
+    def exit_future(self, container_id: str, exec_id: str = "") -> asyncio.Future[
+            schema.ProcessExit]:
+        key = (container_id, exec_id)
+        if key not in self._exits:
+            self._exits[key] = asyncio.get_running_loop().create_future()
+        return self._exits[key]
+
+    def _event(self, message: dict[str, Any]) -> None:
+        if message.get("event") != schema.Event.PROCESS_EXIT:
+            raise schema.SchemaError(f"unknown event {message.get('event')!r}")
+        event = schema.ProcessExit.from_json(message)
+        fut = self._exits.get((event.container_id, event.exec_id))
+        if fut is None:
+            raise schema.SchemaError(f"exit of unknown process {event.container_id}/"
+                                     f"{event.exec_id}")
+        if fut.done():
+            raise schema.SchemaError(f"second exit of {event.container_id}/{event.exec_id}")
+        fut.set_result(event)
+        if self.on_exit is not None:
+            self.on_exit(event)
+
+    def _violation(self, why: str) -> None:
+        log.error("sandbox %s: %s; killing the vm", self.id, why)
+        if self.vm is not None:
+            self.vm.kill()
+
+    async def watch_vm(self) -> str:
+        """Returns (with the reason) when the VM or the agent channel dies."""
+        assert self.vm is not None and self.channel is not None
+        vm_dead = asyncio.ensure_future(self.vm.wait())
+        channel_dead = asyncio.ensure_future(self.channel.closed.wait())
+        try:
+            done, _ = await asyncio.wait({vm_dead, channel_dead},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            vm_dead.cancel()
+            channel_dead.cancel()
+        if vm_dead in done:
+            return self.vm.exit_reason()
+        return f"agent channel failed: {self.channel.failure}"

@@ -1,0 +1,117 @@
+"""`hull run`: a container in its own VM, driven through the CLI as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.conftest import HULL, BundleFactory, Runner
+
+
+def test_hello_world(hull: Runner, bundle: BundleFactory) -> None:
+    done = hull("run", "--bundle", str(bundle(["echo", "hello world"])), "hello")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"hello world\n"
+
+
+def test_guest_kernel_differs_from_the_host(hull: Runner, bundle: BundleFactory) -> None:
+    done = hull("run", "--bundle", str(bundle(["uname", "-r"])), "uname")
+    assert done.returncode == 0, done.stderr
+    guest = done.stdout.decode().strip()
+    assert guest and guest != os.uname().release
+
+
+def test_exit_codes(hull: Runner, bundle: BundleFactory) -> None:
+    for code in (0, 1, 42):
+        done = hull("run", "-b", str(bundle(["sh", "-c", f"exit {code}"])), f"exit{code}")
+        assert done.returncode == code, done.stderr
+
+
+def test_death_by_signal(hull: Runner, bundle: BundleFactory) -> None:
+    done = hull("run", "-b", str(bundle(["sh", "-c", "kill -9 $$"])), "sig")
+    assert done.returncode == 128 + 9, done.stderr
+
+
+def test_stdin_round_trip(hull: Runner, bundle: BundleFactory) -> None:
+    data = os.urandom(300_000)
+    done = hull("run", "-b", str(bundle(["cat"])), "cat", input=data)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == data
+
+
+def test_ten_megabytes_of_stdout_stay_apart_from_stderr(hull: Runner,
+                                                        bundle: BundleFactory) -> None:
+    script = ("dd if=/dev/urandom of=/tmp/blob bs=1M count=10 2>/dev/null; "
+              "cat /tmp/blob; echo to-stderr >&2; md5sum /tmp/blob >&2")
+    done = hull("run", "-b", str(bundle(["sh", "-c", script])), "big")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) == 10 * 1024 * 1024
+    lines = done.stderr.decode().splitlines()
+    assert lines[0] == "to-stderr"
+    assert lines[1].split()[0] == hashlib.md5(done.stdout).hexdigest()
+
+
+def test_env_cwd_user_hostname(hull: Runner, bundle: BundleFactory) -> None:
+    b = bundle(["sh", "-c", 'echo "$GREETING|$(pwd)|$(id -u):$(id -g)|$(hostname)"'],
+               env=["PATH=/bin", "GREETING=hi there"], cwd="/work", uid=1000, gid=1000)
+    done = hull("run", "-b", str(b), "envs")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == "hi there|/work|1000:1000|hulltest"
+
+
+def test_readonly_rootfs_refuses_writes(hull: Runner, bundle: BundleFactory) -> None:
+    b = bundle(["sh", "-c", "touch /newfile && echo wrote || echo refused"], readonly=True)
+    done = hull("run", "-b", str(b), "ro")
+    assert done.stdout.decode().strip() == "refused"
+    assert not (b / "rootfs/newfile").exists()
+
+
+def test_writes_reach_a_writable_rootfs(hull: Runner, bundle: BundleFactory) -> None:
+    b = bundle(["sh", "-c", "echo data > /root/out"])
+    done = hull("run", "-b", str(b), "rw")
+    assert done.returncode == 0, done.stderr
+    assert (b / "rootfs/root/out").read_text() == "data\n"
+
+
+def test_sigterm_to_hull_reaches_the_container(bundle: BundleFactory, state_root: Path,
+                                               guest_assets_ready: None) -> None:
+    b = bundle(["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; "
+                "while true; do sleep 0.1; done"])
+    proc = subprocess.Popen([*HULL, "--root", str(state_root), "run", "-b", str(b), "sig"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 7, err
+    assert out == b"got-term\n"
+
+
+def test_sigkill_of_hull_leaves_no_vm(bundle: BundleFactory, state_root: Path,
+                                      guest_assets_ready: None) -> None:
+    b = bundle(["sh", "-c", "echo ready; sleep 1000"])
+    proc = subprocess.Popen([*HULL, "--root", str(state_root), "run", "-b", str(b), "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ps = subprocess.run(["pgrep", "-f", "hull-k,debug-threads"], capture_output=True)
+        if ps.returncode != 0:
+            break
+        time.sleep(0.1)
+    assert ps.returncode != 0, "qemu outlived the hull process that started it"
+    # `hull run` was killed before it could clean up: its state remains until deleted.
+    import shutil
+
+    shutil.rmtree(state_root / "k", ignore_errors=True)

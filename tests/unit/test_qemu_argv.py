@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from hull.hypervisor.base import Accel, Share, VMConfig
+from hull.hypervisor.qemu import argv
+
+
+def config(**kw: object) -> VMConfig:
+    base: dict[str, object] = dict(name="c1", kernel=Path("/k/vmlinux"),
+                                   initrd=Path("/k/initrd.img"),
+                                   console_log=Path("/run/hull/c1/console.log"))
+    base.update(kw)
+    return VMConfig(**base)  # type: ignore[arg-type]
+
+
+def opt(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_microvm_tcg() -> None:
+    args = argv.build("/usr/bin/qemu-system-x86_64", config(tsc_khz=2596142), argv.Fds(5, 6))
+    assert args[0] == "/usr/bin/qemu-system-x86_64"
+    assert opt(args, "-machine")[0].startswith("microvm,accel=tcg,")
+    assert "isa-serial=on" in opt(args, "-machine")[0]
+    assert opt(args, "-kernel") == ["/k/vmlinux"]
+    assert "tsc_early_khz=2596142" in opt(args, "-append")[0].split()
+    assert "socket,id=agent,fd=5" in opt(args, "-chardev")
+    assert "socket,id=qmp,fd=6" in opt(args, "-chardev")
+    assert "virtserialport,bus=vser0.0,chardev=agent,name=hull.agent" in opt(args, "-device")
+    assert "virtio-serial-device,id=vser0" in opt(args, "-device")
+    assert opt(args, "-sandbox") == [argv.SANDBOX]
+    assert "-no-reboot" in args and "-nodefaults" in args
+
+
+def test_shares_and_escaping() -> None:
+    shares = (Share("hullroot", Path("/b/root,fs"), readonly=True),)
+    args = argv.build("q", config(shares=shares, sandbox=False), argv.Fds(3, 4))
+    assert opt(args, "-fsdev") == [
+        "local,id=fs0,path=/b/root,,fs,security_model=none,multidevs=remap,readonly=on"]
+    assert "virtio-9p-device,fsdev=fs0,mount_tag=hullroot" in opt(args, "-device")
+    assert "-sandbox" not in args
+
+
+def test_q35_kvm_uses_pci_devices_and_host_cpu() -> None:
+    args = argv.build("q", config(machine_type="q35", accel=Accel.KVM, vcpus=2,
+                                  memory_mib=512), argv.Fds(3, 4))
+    assert opt(args, "-machine") == ["q35,accel=kvm"]
+    assert opt(args, "-cpu") == ["host"]
+    assert opt(args, "-smp") == ["2"] and opt(args, "-m") == ["512M"]
+    assert "virtio-serial-pci,id=vser0" in opt(args, "-device")
+
+
+def test_kernel_params_are_appended_last() -> None:
+    args = argv.build("q", config(kernel_params=("foo=1", "debug")), argv.Fds(3, 4))
+    assert opt(args, "-append")[0].split()[-2:] == ["foo=1", "debug"]
+
+
+def test_unknown_machine() -> None:
+    with pytest.raises(ValueError, match="unknown machine type"):
+        argv.build("q", config(machine_type="pc-i440fx"), argv.Fds(3, 4))
