@@ -59,3 +59,23 @@ def test_kernel_params_are_appended_last() -> None:
 def test_unknown_machine() -> None:
     with pytest.raises(ValueError, match="unknown machine type"):
         argv.build("q", config(machine_type="pc-i440fx"), argv.Fds(3, 4))
+
+
+def test_console_tail_keeps_the_panic_not_the_backtrace(tmp_path: Path) -> None:
+    from hull.hypervisor.qemu.machine import tail_lines
+
+    log = tmp_path / "console.log"
+    log.write_text("\n".join([
+        "[    0.5] Run /init as init process",
+        "hull-agent: cannot open channel",
+        "[    2.3] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+        "[    2.3] CPU: 0 PID: 1 Comm: init Not tainted 6.1.0",
+        "[    2.3] Call Trace:",
+        "[    2.3]  <TASK>",
+        "[    2.3]  dump_stack_lvl+0x44/0x5c",
+        "[    2.3] RIP: 0033:0x7f688b8cb409",
+    ]) + "\n")
+    tail = tail_lines(log, 3)
+    assert tail.endswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+    assert "hull-agent: cannot open channel" in tail
+    assert "RIP" not in tail and "dump_stack" not in tail

@@ -84,7 +84,7 @@ class Hypervisor(ABC):
         """Wait for the hypervisor process to end; its exit status."""
 
     @abstractmethod
-    def console_tail(self, lines: int = 20) -> str:
+    def console_tail(self, lines: int = 6) -> str:
         """The last lines the guest printed on its console (for error messages)."""
 
     async def __aenter__(self) -> Hypervisor:

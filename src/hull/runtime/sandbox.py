@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hull.runtime.assets import resolve
 
 log = logging.getLogger("hull.sandbox")
 ExitKey = tuple[str, str]  # (container id, exec id)
+Asker = Callable[[schema.Method, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def host_tsc_khz() -> int:
@@ -55,6 +57,7 @@ class Sandbox:
         self._exits: dict[ExitKey, asyncio.Future[schema.ProcessExit]] = {}
         self.on_exit: Callable[[schema.ProcessExit], None] | None = None
         self.boot_seconds = 0.0
+        self._started = 0.0
 
     def vm_config(self) -> VMConfig:
         hv = self.config.hypervisor
@@ -70,45 +73,52 @@ class Sandbox:
             shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz())
 
     async def __aenter__(self) -> Sandbox:
-        started = time.monotonic()
-        self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
-        await self.vm.start()
+        await self.boot()
         try:
-            self.channel = AgentChannel(self.vm.agent_socket(), f"sandbox {self.id}",
+            self.channel = AgentChannel(self.vm_socket(), f"sandbox {self.id}",
                                         on_event=self._event, on_violation=self._violation)
             await self.channel.open()
-            await self._handshake()
+            reply = await self.handshake(self.channel.request)
         except BaseException:
             await self._teardown()
             raise
-        self.boot_seconds = time.monotonic() - started
-        log.debug("sandbox %s ready in %.3fs", self.id, self.boot_seconds)
+        self.hello = reply
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._teardown()
 
-    async def _handshake(self) -> None:
-        assert self.vm is not None and self.channel is not None
+    async def boot(self) -> None:
+        """Start the VM (the guest is not up yet: follow with handshake())."""
+        self._started = time.monotonic()
+        self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
+        await self.vm.start()
+
+    def vm_socket(self) -> socket.socket:
+        assert self.vm is not None
+        return self.vm.agent_socket()
+
+    async def handshake(self, ask: Asker) -> schema.HelloReply:
+        """Say hello through ``ask`` until the agent answers, the VM dies, or time is up."""
+        assert self.vm is not None
         timeout = self.config.hypervisor.boot_timeout
         hello = schema.Hello(entropy=os.urandom(32).hex(), time_ns=time.time_ns())
-        ask = asyncio.ensure_future(
-            self.channel.request(schema.Method.HELLO, schema.params(hello)))
+        asking = asyncio.ensure_future(ask(schema.Method.HELLO, schema.params(hello)))
         died = asyncio.ensure_future(self.vm.wait())
         try:
-            done, _ = await asyncio.wait({ask, died}, timeout=timeout,
+            done, _ = await asyncio.wait({asking, died}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             died.cancel()
-        if ask not in done:
-            ask.cancel()
+        if asking not in done:
+            asking.cancel()
             with contextlib.suppress(BaseException):
-                await ask
+                await asking
             what = (self.vm.exit_reason() if died in done
                     else f"the agent did not answer within {timeout:g}s")
             raise BootError(f"vm of {self.id} failed to boot: {what}", self.vm.console_tail())
         try:
-            reply = schema.HelloReply.from_json(ask.result())
+            reply = schema.HelloReply.from_json(asking.result())
         except (schema.SchemaError, ProtocolError, AgentError) as exc:
             raise BootError(f"vm of {self.id}: agent handshake failed: {exc}",
                             self.vm.console_tail()) from exc
@@ -116,7 +126,13 @@ class Sandbox:
             raise BootError(f"vm of {self.id}: agent speaks protocol {reply.version}, hull "
                             f"{__version__} speaks {schema.PROTOCOL_VERSION}: rebuild the "
                             "guest image with `hull image build`")
-        self.hello = reply
+        self.boot_seconds = time.monotonic() - self._started
+        log.debug("sandbox %s ready in %.3fs", self.id, self.boot_seconds)
+        return reply
+
+    async def shutdown(self) -> None:
+        """Stop the guest and the VM (after the agent's own shutdown, if it answers)."""
+        await self._teardown()
 
     async def _teardown(self) -> None:
         if self.channel is not None and not self.channel.failure:

@@ -166,17 +166,36 @@ class QemuVM(Hypervisor):
         """Why QEMU ended, from its stderr and status (call after it exited)."""
         return self._failure(f"qemu exited with status {self.returncode}")
 
-    def console_tail(self, lines: int = 20) -> str:
+    def console_tail(self, lines: int = 6) -> str:
         return tail_lines(self.config.console_log, lines)
 
 
 def tail_lines(path: Path, lines: int) -> str:
+    """The guest console's last meaningful lines, joined with " | " for a one-line error.
+
+    A kernel panic's backtrace would crowd out its cause, so when the console shows a
+    panic the lines leading up to it and the panic line itself are what is kept.
+    """
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
             data = f.read()
     except OSError:
         return ""
     text = data.decode(errors="replace").replace("\r", "")
-    kept = deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines)
+    all_lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    panic = next((i for i, ln in enumerate(all_lines) if "Kernel panic" in ln), None)
+    if panic is not None:
+        before = [ln for ln in all_lines[:panic] if not _is_trace(ln)]
+        all_lines = [*before[-(lines - 1):], all_lines[panic]] if lines > 1 else [
+            all_lines[panic]]
+    kept = deque(all_lines, maxlen=lines)
     return " | ".join(kept)
+
+
+def _is_trace(line: str) -> bool:
+    """A line of a kernel oops/backtrace (registers, call trace), not a message."""
+    body = line.split("] ", 1)[-1]
+    return (body.startswith((" ", "?", "<", "Call Trace", "RIP:", "RSP:", "RAX:", "RDX:",
+                             "RBP:", "R10:", "R13:", "Code:", "CPU:", "Hardware name:"))
+            or "+0x" in body)

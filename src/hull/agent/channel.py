@@ -1,0 +1,235 @@
+"""Frame I/O on the one host<->guest channel fd: read, decode, queue and write frames.
+
+Two modes:
+
+- the guest's virtio-serial port (found by its name under /sys/class/virtio-ports).
+  Reads return EOF (poll: HUP) while no host is connected, so EOF means "wait 20 ms and
+  read again", not "closed". A framing error closes the port and reopens it.
+- an fd handed over by a test (a socketpair end): EOF or a framing error ends the agent.
+
+Reads go into one preallocated buffer (``readv``), which on the virtio port is far faster
+than ``os.read`` in a loop (each read returns at most 4 KiB there). Writes go through a
+queue flushed with ``writev``; its size is bounded by the peer's stream windows plus the
+control messages, so there is no unbounded buffering here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from hull.agent.log import log
+from hull.agent.loop import Loop, Timer
+from hull.agentapi import framing
+
+PORT_NAME = "hull.agent"
+RETRY_DELAY = 0.02
+_READ_SIZE = 256 * 1024
+_READS_PER_WAKEUP = 64
+_WRITEV_MAX = 64
+
+FrameHandler = Callable[[framing.Frame], None]
+
+
+def find_port(name: str = PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> str | None:
+    """/dev/<vportNpM> of the virtio-serial port with that name, or None (not there yet)."""
+    try:
+        ports = os.listdir(sysfs)
+    except FileNotFoundError:
+        return None
+    for port in sorted(ports):
+        try:
+            with open(f"{sysfs}/{port}/name") as fh:
+                if fh.read().strip() == name:
+                    return f"/dev/{port}"
+        except OSError:
+            continue
+    return None
+
+
+class Channel:
+    """The channel fd, its decoder and its write queue.
+
+    ``on_frame`` gets every decoded frame and may raise :class:`framing.FrameError` for a
+    frame that breaks the protocol; ``on_reset`` is called when the session ends (host
+    disconnected or protocol error), so the server forgets its per-session state.
+    """
+
+    def __init__(self, loop: Loop, on_frame: FrameHandler, on_reset: Callable[[], None],
+                 fd: int | None = None) -> None:
+        self._loop = loop
+        self._on_frame = on_frame
+        self._on_reset = on_reset
+        self._fixed = fd is not None
+        self.fd = -1 if fd is None else fd
+        self._decoder = framing.Decoder()
+        self._wq: deque[bytes | memoryview] = deque()
+        self.queued = 0
+        self._buf = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buf)
+        self._retry: Timer | None = None
+        self._waiting_logged = False
+        #: exit status for the agent when a fixed fd ends (0: peer closed, 1: protocol error)
+        self.exit_status = 0
+
+    # ------------------------------------------------------------------ connection
+
+    def start(self) -> None:
+        if self._fixed:
+            os.set_blocking(self.fd, False)
+            self._loop.set_reader(self.fd, self._on_readable)
+        else:
+            self._open_port()
+
+    def _open_port(self) -> None:
+        self._retry = None
+        path = find_port()
+        if path is None:
+            if not self._waiting_logged:
+                log(f"waiting for the virtio-serial port {PORT_NAME}")
+                self._waiting_logged = True
+            self._retry = self._loop.call_later(RETRY_DELAY, self._open_port)
+            return
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            log(f"open {path}: {exc.strerror}")
+            self._retry = self._loop.call_later(RETRY_DELAY, self._open_port)
+            return
+        self._probe()
+
+    def _probe(self) -> None:
+        """Read once: data or EAGAIN means a host is connected, EOF means not yet."""
+        self._retry = None
+        self._loop.set_reader(self.fd, self._on_readable)
+        self._on_readable()
+
+    def _disconnected(self) -> None:
+        """EOF on the port: no host (any more). Drop the session and poll for a new one."""
+        self._loop.forget(self.fd)
+        self._end_session()
+        self._retry = self._loop.call_later(RETRY_DELAY, self._probe)
+
+    def _end_session(self) -> None:
+        had_session = self._decoder.buffered or self._wq
+        self._decoder = framing.Decoder()
+        self._wq.clear()
+        self.queued = 0
+        if had_session:
+            log("host disconnected")
+        self._on_reset()
+
+    def _drop(self, reason: str) -> None:
+        """Protocol error: the byte stream cannot be trusted any more."""
+        log(f"channel: {reason}")
+        if self._fixed:
+            self.exit_status = 1
+            self._close_fixed()
+            return
+        self._loop.close(self.fd)
+        self.fd = -1
+        self._end_session()
+        self._retry = self._loop.call_later(RETRY_DELAY, self._open_port)
+
+    def _close_fixed(self) -> None:
+        self._loop.close(self.fd)
+        self.fd = -1
+        self._wq.clear()
+        self.queued = 0
+        self._loop.running = False
+
+    # ------------------------------------------------------------------ reading
+
+    def _on_readable(self) -> None:
+        for _ in range(_READS_PER_WAKEUP):
+            if self.fd < 0:
+                return
+            try:
+                n = os.readv(self.fd, [self._buf])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                n = 0
+                log(f"channel read: {exc.strerror}")
+            if n == 0:
+                if self._fixed:
+                    self._close_fixed()
+                else:
+                    self._disconnected()
+                return
+            try:
+                # feed() only appends its argument to a bytearray: a view saves a copy.
+                for frame in self._decoder.feed(cast(bytes, self._view[:n])):
+                    self._on_frame(frame)
+                    if self.fd < 0:  # a handler ended the channel (shutdown)
+                        return
+            except framing.FrameError as exc:
+                self._drop(str(exc))
+                return
+
+    # ------------------------------------------------------------------ writing
+
+    def send(self, frame: framing.Frame) -> None:
+        self.send_parts(frame.kind, frame.stream, frame.payload)
+
+    def send_parts(self, kind: framing.Kind, stream: int, payload: bytes) -> None:
+        if self.fd < 0:
+            return
+        header = framing.HEADER.pack(kind, 0, 0, stream, len(payload))
+        self._wq.append(header)
+        self.queued += len(header)
+        if payload:
+            self._wq.append(payload)
+            self.queued += len(payload)
+        self._flush()
+
+    def _flush(self) -> None:
+        wq = self._wq
+        while wq:
+            chunk = [wq[i] for i in range(min(len(wq), _WRITEV_MAX))]
+            try:
+                n = os.writev(self.fd, chunk)
+            except BlockingIOError:
+                self._loop.set_writer(self.fd, self._flush)
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                log(f"channel write: {exc.strerror}")
+                if self._fixed:
+                    self._close_fixed()
+                else:
+                    self._loop.set_writer(self.fd, None)
+                    self._disconnected()
+                return
+            self.queued -= n
+            while n:
+                head = wq[0]
+                if n >= len(head):
+                    n -= len(head)
+                    wq.popleft()
+                else:
+                    wq[0] = memoryview(head)[n:]
+                    n = 0
+        if self.fd >= 0:
+            self._loop.set_writer(self.fd, None)
+
+    def flush_blocking(self, timeout: float) -> None:
+        """Write out the queue before the agent powers off (or exits)."""
+        import select
+
+        if self.fd < 0:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        waited = 0.0
+        while self._wq and waited < timeout:
+            if not poller.poll(50):
+                waited += 0.05
+                continue
+            self._flush()

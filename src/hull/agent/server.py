@@ -1,0 +1,616 @@
+"""The agent's request dispatch: hello, containers, processes, shutdown.
+
+Single-threaded: every handler runs in the loop and must not block. Requests whose
+answer depends on a child (create, start, exec, delete of a created container) reply
+later, from the child's status pipe or its reaping. Every error goes back as a Response
+with an :class:`ErrorKind` and one lower-case line naming the container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from typing import Any
+
+import hull
+from hull.agent import init, spawn
+from hull.agent import syscalls as sc
+from hull.agent.channel import Channel
+from hull.agent.container import Container, State
+from hull.agent.log import log
+from hull.agent.loop import Loop
+from hull.agent.process import Process, Relay, exit_status
+from hull.agent.spec import SpecError, parse_container, parse_process
+from hull.agentapi import framing, schema
+from hull.agentapi.schema import ErrorKind, Method
+
+INIT_GRACE = 1.0  # its pid namespace dies with it: its pipes close on their own
+EXEC_GRACE = 0.2  # a daemonized grandchild may keep an exec's pipes open
+_9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose"
+
+
+class Options:
+    __slots__ = ("init", "no_pivot", "run_dir", "share_dir")
+
+    def __init__(self, *, init: bool = False, run_dir: str = "/run/hull",
+                 share_dir: str | None = None, no_pivot: bool = False) -> None:
+        #: Runs as the guest's PID 1 (power off on shutdown, set the clock, feed the RNG).
+        self.init = init
+        #: Where container rootfs mounts go: <run_dir>/containers/<id>/rootfs.
+        self.run_dir = run_dir
+        #: TEST ONLY: a rootfs tag names the directory <share_dir>/<tag>, bind-mounted,
+        #: instead of a virtio-9p share (for running the agent on a host without QEMU).
+        self.share_dir = share_dir
+        #: TEST ONLY: use the MS_MOVE + chroot fallback even where pivot_root works.
+        self.no_pivot = no_pivot
+
+
+class RequestError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Server:
+    def __init__(self, options: Options, channel_fd: int | None = None) -> None:
+        self.options = options
+        self.loop = Loop()
+        self.channel = Channel(self.loop, self._on_frame, self._on_session_end, channel_fd)
+        self.relay = Relay(self.loop, self.channel)
+        self.containers: dict[str, Container] = {}
+        self.by_pid: dict[int, Process] = {}
+        self.helpers: set[int] = set()
+        self.hello_done = False
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.own_pidns = os.readlink("/proc/self/ns/pid")
+        self._handlers = {
+            Method.HELLO: self._hello,
+            Method.CREATE_CONTAINER: self._create,
+            Method.START_CONTAINER: self._start,
+            Method.EXEC_PROCESS: self._exec,
+            Method.SIGNAL_PROCESS: self._signal,
+            Method.RESIZE_PTY: self._resize,
+            Method.DELETE_CONTAINER: self._delete,
+            Method.SHUTDOWN: self._shutdown,
+        }
+
+    def run(self) -> int:
+        self.loop.watch_sigchld(self._reap)
+        self._reap()
+        self.channel.start()
+        self.loop.run()
+        self._teardown()
+        return self.channel.exit_status
+
+    # ------------------------------------------------------------------ frames
+
+    def _on_frame(self, frame: framing.Frame) -> None:
+        if frame.kind == framing.Kind.REQUEST:
+            self._on_request(frame.payload)
+        elif frame.stream != framing.CONTROL_STREAM:
+            self.relay.on_frame(frame)
+        else:
+            log(f"ignored a {frame.kind.name} frame from the host")
+
+    def _on_session_end(self) -> None:
+        self.hello_done = False
+        self.relay.reset()
+
+    def _on_request(self, payload: bytes) -> None:
+        obj: dict[str, Any] = {}
+        try:
+            obj = schema.decode(payload)
+            request = schema.Request.from_json(obj)
+        except schema.SchemaError as exc:
+            rid = obj.get("id")
+            if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2**53:
+                self.reply_error(rid, ErrorKind.INVALID, str(exc))
+            else:
+                log(f"unusable request: {exc}")
+            return
+        try:
+            if not self.hello_done and request.method != Method.HELLO:
+                raise RequestError(ErrorKind.INVALID, "hello must be the first request")
+            result = self._handlers[request.method](request.id, request.params)
+        except RequestError as exc:
+            self.reply_error(request.id, exc.kind, str(exc))
+        except schema.SchemaError as exc:
+            self.reply_error(request.id, ErrorKind.INVALID, f"{request.method}: {exc}")
+        except Exception as exc:  # a bug here must not kill PID 1
+            import traceback
+
+            log(f"{request.method} failed:\n{traceback.format_exc()}")
+            self.reply_error(request.id, ErrorKind.FAILED, f"{request.method}: {exc}")
+        else:
+            if result is not None:
+                self.reply(request.id, result)
+
+    def reply(self, rid: int, result: dict[str, Any]) -> None:
+        self._control(framing.Kind.RESPONSE, schema.Response(rid, result).to_json())
+
+    def reply_error(self, rid: int, kind: ErrorKind, message: str) -> None:
+        self._control(framing.Kind.RESPONSE, schema.Response(rid, None, kind, message).to_json())
+
+    def _control(self, kind: framing.Kind, message: dict[str, Any]) -> None:
+        self.channel.send_parts(kind, framing.CONTROL_STREAM, schema.encode(message))
+
+    # ------------------------------------------------------------------ hello
+
+    def _hello(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        hello = schema.Hello.from_json(params)
+        try:
+            entropy = bytes.fromhex(hello.entropy)
+        except ValueError:
+            raise RequestError(ErrorKind.INVALID, "hello: entropy is not hex") from None
+        if self.options.init:
+            try:
+                init.add_entropy(entropy)
+            except OSError as exc:
+                log(f"entropy: {exc.strerror}")
+            try:
+                init.set_clock(hello.time_ns)
+            except OSError as exc:
+                log(f"clock: {exc.strerror}")
+        self.hello_done = True
+        version = getattr(hull, "__version__", "0")
+        return schema.params(schema.HelloReply(schema.PROTOCOL_VERSION, version,
+                                               os.uname().release))
+
+    # ------------------------------------------------------------------ lookups
+
+    def _container(self, cid: str) -> Container:
+        ctr = self.containers.get(cid)
+        if ctr is None:
+            raise RequestError(ErrorKind.NOT_FOUND, f"container {cid} does not exist")
+        return ctr
+
+    def _process(self, ctr: Container, exec_id: str) -> Process:
+        if not exec_id:
+            return ctr.init
+        proc = ctr.execs.get(exec_id)
+        if proc is None:
+            raise RequestError(ErrorKind.NOT_FOUND,
+                               f"exec {exec_id} of container {ctr.id} does not exist")
+        return proc
+
+    def _check_streams(self, what: str, stdio: schema.Stdio, terminal: bool) -> None:
+        if terminal and stdio.stderr is not None:
+            raise RequestError(ErrorKind.INVALID, f"{what}: with a terminal, stderr is not a "
+                               "stream (the pty's output goes on stdout)")
+        for stream in stdio.streams():
+            if self.relay.in_use(stream):
+                raise RequestError(ErrorKind.INVALID, f"{what}: stream {stream} is in use")
+
+    # ------------------------------------------------------------------ create / start
+
+    def _create(self, rid: int, params: dict[str, Any]) -> None:
+        req = schema.CreateContainer.from_json(params)
+        cid = req.container_id
+        if not cid or cid in (".", "..") or "/" in cid or "\0" in cid:
+            raise RequestError(ErrorKind.INVALID, f"container id {cid!r} is not valid")
+        if cid in self.containers:
+            raise RequestError(ErrorKind.EXISTS, f"container {cid} already exists")
+        try:
+            cspec = parse_container(req.spec)
+        except SpecError as exc:
+            raise RequestError(ErrorKind.INVALID, f"container {cid}: {exc}") from None
+        terminal = cspec.process.terminal
+        self._check_streams(f"container {cid}", req.stdio, terminal)
+        root = os.path.join(self.options.run_dir, "containers", cid, "rootfs")
+        self._mount_rootfs(cid, req.rootfs, root)
+        try:
+            pipes = _Pipes(req.stdio, terminal)
+        except OSError as exc:
+            _unmount(root)
+            raise RequestError(ErrorKind.FAILED, f"container {cid}: pipe: {exc.strerror}"
+                               ) from None
+        try:
+            spawned = spawn.spawn_init(cid, root, cspec, pipes.child, self.devnull,
+                                       no_pivot=self.options.no_pivot)
+        except OSError as exc:
+            pipes.close_agent_ends()
+            _unmount(root)
+            raise RequestError(ErrorKind.FAILED, f"container {cid}: fork: {exc.strerror}"
+                               ) from None
+        finally:
+            pipes.close_child_ends()
+        proc = Process(cid, "", req.stdio, terminal, self.relay, INIT_GRACE, self._finished)
+        pipes.attach(proc)
+        proc.pending_rid = rid
+        proc.pending_winsize = cspec.process.console_size
+        ctr = Container(cid, root, cspec, proc, start_fd=spawned.start_fd)
+        self.containers[cid] = ctr
+        self.helpers.add(spawned.helper_pid)
+        self._watch_status(ctr, proc, spawned.status_fd)
+
+    def _mount_rootfs(self, cid: str, share: schema.RootfsShare, root: str) -> None:
+        os.makedirs(root, 0o755, exist_ok=True)
+        try:
+            if self.options.share_dir is not None:
+                if not share.tag or "/" in share.tag or share.tag in (".", ".."):
+                    raise OSError(errno.EINVAL, f"share tag {share.tag!r} is not valid")
+                sc.mount(os.path.join(self.options.share_dir, share.tag), root, None,
+                         sc.MS_BIND | sc.MS_REC)
+                if share.readonly:
+                    sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+            else:
+                sc.mount(share.tag, root, "9p", sc.MS_RDONLY if share.readonly else 0,
+                         _9P_OPTIONS)
+        except OSError as exc:
+            _unmount(root)
+            raise RequestError(ErrorKind.FAILED, f"container {cid}: mount rootfs share "
+                               f"{share.tag}: {exc.strerror}") from None
+
+    def _start(self, rid: int, params: dict[str, Any]) -> None:
+        ctr = self._container(schema.ContainerRef.from_json(params).container_id)
+        if not ctr.can_start() or ctr.start_fd is None:
+            raise RequestError(ErrorKind.STATE, f"container {ctr.id} is {ctr.state.value}, "
+                               "not created")
+        start_fd, ctr.start_fd = ctr.start_fd, None
+        try:
+            os.write(start_fd, b"s")
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"container {ctr.id}: start: "
+                               f"{sc.strerror(exc.errno or 0)}") from None
+        finally:
+            os.close(start_fd)
+        ctr.state = State.STARTING
+        ctr.init.pending_rid = rid
+
+    # ------------------------------------------------------------------ status pipes
+
+    def _watch_status(self, ctr: Container, proc: Process, fd: int) -> None:
+        pipe = spawn.StatusPipe(fd)
+        ctr.status_pipes[fd] = pipe
+
+        def on_readable() -> None:
+            if pipe.fd < 0:
+                return
+            for kind, text in pipe.read():
+                self._status(ctr, proc, kind, text)
+                if pipe.fd < 0:  # the container was removed meanwhile
+                    return
+            if pipe.eof:
+                self._close_status(ctr, pipe)
+                self._status(ctr, proc, "EOF", "")
+
+        pipe.on_readable = on_readable
+        self.loop.set_reader(fd, on_readable)
+
+    def _status(self, ctr: Container, proc: Process, kind: str, text: str) -> None:
+        is_init = proc is ctr.init
+        if kind == "P":
+            proc.pid = int(text)
+            self.by_pid[proc.pid] = proc
+            if is_init:
+                try:
+                    pidns = os.readlink(f"/proc/{proc.pid}/ns/pid")
+                except OSError:
+                    pidns = ""
+                # Never the agent's own namespace: kill --all would hit the agent itself.
+                ctr.pidns = "" if pidns == self.own_pidns else pidns
+        elif kind == "W":
+            log(f"{proc.label()}: {text}")
+        elif kind == "T":
+            if proc.pid is not None:
+                self._take_terminal(proc, int(text))
+            _release(proc)
+        elif kind == "R" and is_init:
+            ctr.state = State.CREATED
+            self._answer(ctr, proc, None)
+        elif kind == "E":
+            self._answer(ctr, proc, f"{proc.label()}: {text}")
+        elif kind == "EOF":
+            # EOF: every writer is gone; after a successful execve (close-on-exec) or exit.
+            _release(proc)
+            if proc.pending_rid is not None:
+                if proc.pid is not None and (not is_init or ctr.state == State.STARTING):
+                    if is_init:
+                        ctr.state = State.RUNNING
+                    self._answer(ctr, proc, None)
+                else:
+                    self._answer(ctr, proc, f"{proc.label()}: the process exited during setup")
+            if proc.pid is None and not proc.failed:  # the helper failed before a fork
+                self._fail(ctr, proc)
+
+    def _take_terminal(self, proc: Process, child_fd: int) -> None:
+        assert proc.pid is not None
+        try:
+            master = sc.pidfd_getfd(proc.pid, child_fd)
+        except OSError as exc:
+            log(f"{proc.label()}: cannot take over the terminal: {exc.strerror}")
+            return
+        proc.attach_terminal(master)
+        if proc.pending_winsize is not None:
+            _set_winsize(master, *proc.pending_winsize)
+            proc.pending_winsize = None
+
+    def _answer(self, ctr: Container, proc: Process, error: str | None) -> None:
+        """Send the reply a child's status decides: create, start or exec."""
+        rid, proc.pending_rid = proc.pending_rid, None
+        if rid is None:
+            if error:
+                log(error)
+            return
+        if error is None:
+            if proc is ctr.init and ctr.state == State.RUNNING:
+                self.reply(rid, {})  # start_container
+            else:
+                assert proc.pid is not None
+                self.reply(rid, schema.params(schema.ProcessPid(proc.pid)))
+            return
+        self.reply_error(rid, ErrorKind.FAILED, error)
+        if proc is ctr.init and ctr.state == State.STARTING:
+            ctr.state = State.RUNNING  # execve failed: it exits 126/127, an exit event follows
+        else:
+            self._fail(ctr, proc)
+
+    def _fail(self, ctr: Container, proc: Process) -> None:
+        """create or exec failed: for the host this process never existed; its id is free.
+
+        The child still exits and gets reaped, as an unknown pid.
+        """
+        proc.failed = True
+        _release(proc)
+        if proc.pid is not None and self.by_pid.get(proc.pid) is proc:
+            del self.by_pid[proc.pid]
+        if proc is ctr.init:
+            self._remove(ctr)
+        else:
+            proc.silence()
+            if ctr.execs.get(proc.exec_id) is proc:
+                ctr.forget_exec(proc.exec_id)
+
+    def _close_status(self, ctr: Container, pipe: spawn.StatusPipe) -> None:
+        if pipe.fd >= 0:
+            ctr.status_pipes.pop(pipe.fd, None)
+            self.loop.close(pipe.fd)
+            pipe.fd = -1
+
+    # ------------------------------------------------------------------ exec
+
+    def _exec(self, rid: int, params: dict[str, Any]) -> None:
+        req = schema.ExecProcess.from_json(params)
+        ctr = self._container(req.container_id)
+        label = f"exec {req.exec_id} of container {ctr.id}"
+        if not req.exec_id:
+            raise RequestError(ErrorKind.INVALID, f"{label}: exec_id must not be empty")
+        if not ctr.can_exec() or ctr.init.pid is None:
+            raise RequestError(ErrorKind.STATE, f"container {ctr.id} is {ctr.state.value}, "
+                               "not running")
+        old = ctr.execs.get(req.exec_id)
+        if old is not None and not old.finished:
+            raise RequestError(ErrorKind.EXISTS, f"{label} already exists")
+        try:
+            pspec = parse_process(req.process)
+        except SpecError as exc:
+            raise RequestError(ErrorKind.INVALID, f"{label}: {exc}") from None
+        self._check_streams(label, req.stdio, pspec.terminal)
+        try:
+            pipes = _Pipes(req.stdio, pspec.terminal)
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"{label}: pipe: {exc.strerror}") from None
+        try:
+            spawned = spawn.spawn_exec(ctr.init.pid, pspec, pipes.child, self.devnull)
+        except OSError as exc:
+            pipes.close_agent_ends()
+            raise RequestError(ErrorKind.FAILED, f"{label}: fork: {exc.strerror}") from None
+        finally:
+            pipes.close_child_ends()
+        proc = Process(ctr.id, req.exec_id, req.stdio, pspec.terminal, self.relay, EXEC_GRACE,
+                       self._finished)
+        pipes.attach(proc)
+        proc.pending_rid = rid
+        proc.pending_winsize = pspec.console_size
+        proc.ack_fd = spawned.start_fd
+        ctr.execs[req.exec_id] = proc
+        self.helpers.add(spawned.helper_pid)
+        self._watch_status(ctr, proc, spawned.status_fd)
+
+    # ------------------------------------------------------------------ signal / resize
+
+    def _signal(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        req = schema.SignalProcess.from_json(params)
+        ctr = self._container(req.container_id)
+        proc = self._process(ctr, req.exec_id)
+        if req.all and not req.exec_id:
+            if not ctr.init.alive:
+                raise RequestError(ErrorKind.STATE, f"container {ctr.id} is not running")
+            self._kill_all(ctr, req.signal)
+            return {}
+        if not proc.alive or proc.pid is None:
+            what = f"container {ctr.id}" if proc is ctr.init else f"exec {proc.exec_id}"
+            raise RequestError(ErrorKind.STATE, f"{what} is not running")
+        try:
+            os.kill(proc.pid, req.signal)
+        except ProcessLookupError:
+            raise RequestError(ErrorKind.STATE, f"container {ctr.id}: process "
+                               "already finished") from None
+        return {}
+
+    def _kill_all(self, ctr: Container, sig: int) -> None:
+        """Signal every process of the container's pid namespace (runc kill --all)."""
+        if ctr.pidns:
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    if os.readlink(f"/proc/{name}/ns/pid") == ctr.pidns:
+                        os.kill(int(name), sig)
+                except OSError:
+                    continue
+        if ctr.init.alive and ctr.init.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(ctr.init.pid, sig)
+
+    def _resize(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        req = schema.ResizePty.from_json(params)
+        ctr = self._container(req.container_id)
+        proc = self._process(ctr, req.exec_id)
+        if not proc.terminal or proc.finished:
+            raise RequestError(ErrorKind.STATE, f"{proc.label()} has no terminal")
+        if proc.master is None or proc.master.fd < 0:
+            proc.pending_winsize = (req.rows, req.cols)  # applied when the pty is taken over
+        else:
+            _set_winsize(proc.master.fd, req.rows, req.cols)
+        return {}
+
+    # ------------------------------------------------------------------ reaping
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.helpers:
+                self.helpers.discard(pid)
+                continue
+            proc = self.by_pid.pop(pid, None)
+            if proc is None:
+                # Reparented before its "P" line was read? Read the status pipes first.
+                self._poll_status_pipes()
+                proc = self.by_pid.pop(pid, None)
+            if proc is not None:
+                proc.reaped(status)
+
+    def _poll_status_pipes(self) -> None:
+        for ctr in list(self.containers.values()):
+            for pipe in list(ctr.status_pipes.values()):
+                pipe.on_readable()
+
+    def _finished(self, proc: Process) -> None:
+        """proc was reaped and its output streams are closed."""
+        ctr = self.containers.get(proc.container_id)
+        if ctr is None:
+            return
+        if proc.failed:
+            return
+        if proc is ctr.init:
+            ctr.state = State.STOPPED
+        if not (proc is ctr.init and ctr.deleting_created):
+            status, sig = exit_status(proc.wait_status) if proc.wait_status is not None else (
+                128 + signal.SIGKILL, int(signal.SIGKILL))
+            event = schema.ProcessExit(ctr.id, proc.exec_id, status, sig)
+            self._control(framing.Kind.EVENT, event.to_json())
+        if proc is ctr.init and ctr.delete_rid is not None:
+            rid, ctr.delete_rid = ctr.delete_rid, None
+            self._remove(ctr)
+            self.reply(rid, {})
+
+    # ------------------------------------------------------------------ delete / shutdown
+
+    def _delete(self, rid: int, params: dict[str, Any]) -> dict[str, Any] | None:
+        ctr = self._container(schema.ContainerRef.from_json(params).container_id)
+        refusal = ctr.delete_refusal()
+        if refusal is not None:
+            raise RequestError(ErrorKind.STATE, f"container {ctr.id} is {refusal}")
+        if ctr.init.alive:  # created, never started: its init waits for start
+            ctr.deleting_created = True
+            ctr.delete_rid = rid
+            self._kill_all(ctr, signal.SIGKILL)
+            return None
+        if not ctr.init.finished:
+            ctr.delete_rid = rid
+            ctr.init.close_outputs()  # its exit event goes out, then _finished replies
+            return None
+        self._remove(ctr)
+        return {}
+
+    def _remove(self, ctr: Container) -> None:
+        """Forget a container whose init is gone: kill leftovers, unmount, free streams."""
+        if self.containers.get(ctr.id) is not ctr:
+            return
+        del self.containers[ctr.id]
+        for proc in ctr.all_processes():
+            if proc.alive and proc.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGKILL)
+            if proc.pid is not None and self.by_pid.get(proc.pid) is proc:
+                del self.by_pid[proc.pid]
+            _release(proc)
+            proc.silence()
+        for pipe in list(ctr.status_pipes.values()):
+            self._close_status(ctr, pipe)
+        if ctr.start_fd is not None:
+            os.close(ctr.start_fd)
+            ctr.start_fd = None
+        _unmount(ctr.root)
+        for path in (ctr.root, os.path.dirname(ctr.root)):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+    def _shutdown(self, rid: int, params: dict[str, Any]) -> None:
+        self._teardown()
+        os.sync()
+        self.reply(rid, {})
+        self.channel.flush_blocking(1.0)
+        if self.options.init:
+            log("powering off")
+            sc.reboot(sc.RB_POWER_OFF)
+        self.loop.running = False
+
+    def _teardown(self) -> None:
+        for ctr in list(self.containers.values()):
+            self._kill_all(ctr, signal.SIGKILL)
+            self._remove(ctr)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class _Pipes:
+    """stdio pipes of a new process (none with a terminal: the child opens a pty)."""
+
+    def __init__(self, stdio: schema.Stdio, terminal: bool) -> None:
+        self._pairs: list[tuple[int, int] | None] = []
+        try:
+            for stream in (stdio.stdin, stdio.stdout, stdio.stderr):
+                self._pairs.append(None if stream is None or terminal else os.pipe())
+        except OSError:
+            self._close([p for pair in self._pairs if pair for p in pair])
+            raise
+        stdin, stdout, stderr = self._pairs
+        self.child = spawn.Stdio(stdin[0] if stdin else None, stdout[1] if stdout else None,
+                                 stderr[1] if stderr else None)
+        self.agent = (stdin[1] if stdin else None, stdout[0] if stdout else None,
+                      stderr[0] if stderr else None)
+
+    @staticmethod
+    def _close(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def close_child_ends(self) -> None:
+        self._close([fd for fd in (self.child.stdin, self.child.stdout, self.child.stderr)
+                     if fd is not None])
+
+    def close_agent_ends(self) -> None:
+        self._close([fd for fd in self.agent if fd is not None])
+
+    def attach(self, proc: Process) -> None:
+        proc.attach_pipes(*self.agent)
+
+
+def _release(proc: Process) -> None:
+    """Let an exec's child go on to execve (its pty master is taken, or never will be)."""
+    if proc.ack_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(proc.ack_fd, b"k")
+        os.close(proc.ack_fd)
+        proc.ack_fd = None
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+
+    fcntl.ioctl(fd, sc.TIOCSWINSZ, sc.winsize(rows, cols))
+
+
+def _unmount(path: str) -> None:
+    with contextlib.suppress(OSError):
+        sc.umount2(path, sc.MNT_DETACH)

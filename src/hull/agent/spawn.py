@@ -1,0 +1,404 @@
+"""Forking a container's init process and its exec processes.
+
+Why two forks (runc does the same): CLONE_NEWPID applies to the children of the caller
+only. For the init, helper A unshares the new namespaces and forks B, which is PID 1 of
+the new pid namespace; A reports B's pid and exits, so B is reparented to the agent
+(guest PID 1, or a subreaper in test mode). For an exec, helper C joins the init's
+namespaces with setns(2) and forks D, which lands in the container's pid namespace; C
+reports D's pid and exits.
+
+The children talk to the agent through a status pipe, one line per message:
+
+    P<pid>     A/C: the pid of B/D (always the first line: B/D wait until A/C exited)
+    W<text>    a warning for the agent's log
+    T<fd>      the pty master B/D opened in the container; the agent takes it (pidfd_getfd)
+    R          B is ready and blocks before execve until the agent writes the start pipe
+    E<text>    setup or execve failed; the child exits (127: not found, 126: other)
+
+The pipe is close-on-exec, so EOF after R (or, for an exec, after P) means execve worked.
+Child code never returns into the agent: every path ends in execve or os._exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable
+from typing import NoReturn
+
+from hull.agent import rootfs
+from hull.agent import syscalls as sc
+from hull.agent.loop import reset_child_signals
+from hull.agent.spec import DEFAULT_PATH, ContainerSpec, ProcessSpec
+
+_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+# setns order for an exec: the mount namespace last, as it changes root and cwd (and
+# so where /proc/<pid>/ns is found).
+_JOIN = (("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS), ("cgroup", sc.CLONE_NEWCGROUP),
+         ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS))
+_MAX_MESSAGE = 2000
+_TIOCGPTN = 0x80045430
+
+
+class Stdio:
+    """The child's ends of its stdio pipes; None means /dev/null (all None with a pty)."""
+
+    __slots__ = ("stderr", "stdin", "stdout")
+
+    def __init__(self, stdin: int | None = None, stdout: int | None = None,
+                 stderr: int | None = None) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class Spawned:
+    """The agent's handles on a forked helper."""
+
+    __slots__ = ("helper_pid", "start_fd", "status_fd")
+
+    def __init__(self, helper_pid: int, status_fd: int, start_fd: int | None) -> None:
+        self.helper_pid = helper_pid
+        self.status_fd = status_fd  # read end of the status pipe, non-blocking
+        #: write end of the pipe the child waits on: start (init), terminal taken (exec)
+        self.start_fd = start_fd
+
+
+class ExecError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------- agent side
+
+
+def spawn_init(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int, *,
+               no_pivot: bool = False) -> Spawned:
+    """Fork the container init (blocked before execve); the agent keeps the pipes' ends."""
+    status_r, status_w = os.pipe()
+    start_r, start_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (status_r, status_w, start_r, start_w, sync_r, sync_w):
+            os.close(fd)
+        raise
+    if pid == 0:
+        _child(status_w, lambda: _init_helper(cid, root, cspec, stdio, devnull, status_w,
+                                              start_r, sync_r, no_pivot))
+    for fd in (status_w, start_r, sync_r, sync_w):
+        os.close(fd)
+    os.set_blocking(status_r, False)
+    return Spawned(pid, status_r, start_w)
+
+
+def spawn_exec(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int) -> Spawned:
+    """Fork a process into the namespaces of the container whose init is init_pid.
+
+    With a terminal, the child waits after its T line until the agent writes (or closes)
+    ``start_fd``: execve would close the master before the agent took it over.
+    """
+    status_r, status_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    ack_r, ack_w = os.pipe() if pspec.terminal else (-1, -1)
+    fds = [fd for fd in (status_r, status_w, sync_r, sync_w, ack_r, ack_w) if fd >= 0]
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    if pid == 0:
+        _child(status_w, lambda: _exec_helper(init_pid, pspec, stdio, devnull, status_w,
+                                              sync_r, ack_r))
+    for fd in fds:
+        if fd not in (status_r, ack_w):
+            os.close(fd)
+    os.set_blocking(status_r, False)
+    return Spawned(pid, status_r, ack_w if ack_w >= 0 else None)
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+class _Status:
+    """The child's end of the status pipe (its fd number changes when fds are arranged)."""
+
+    fd = -1
+
+    @classmethod
+    def send(cls, kind: str, text: str = "") -> None:
+        line = (kind + text.replace("\n", " ")[:_MAX_MESSAGE] + "\n").encode(errors="replace")
+        with contextlib.suppress(OSError):
+            os.write(cls.fd, line)
+
+
+def _child(status_fd: int, body: Callable[[], None]) -> NoReturn:
+    """Run body in a forked child; whatever happens, never return into the agent."""
+    code = 1
+    _Status.fd = status_fd
+    try:
+        reset_child_signals()
+        body()
+        code = 0
+    except ExecError as exc:
+        _Status.send("E", str(exc))
+        code = exc.code
+    except BaseException as exc:
+        _Status.send("E", rootfs.os_text(exc))
+    os._exit(code)
+
+
+def _init_helper(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int,
+                 status_w: int, start_r: int, sync_r: int, no_pivot: bool) -> None:
+    """Helper A: new namespaces, fork B, report B's pid, exit.
+
+    A holds the write end of the sync pipe (inherited); its exit is B's signal to go on.
+    """
+    try:
+        sc.unshare(_NAMESPACES | sc.CLONE_NEWCGROUP)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a kernel without cgroup namespaces
+            raise
+        sc.unshare(_NAMESPACES)
+    pid = os.fork()
+    if pid == 0:
+        _child(status_w, lambda: _init_process(cid, root, cspec, stdio, devnull, status_w,
+                                               start_r, sync_r, no_pivot))
+    _Status.send("P", str(pid))
+
+
+def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int,
+                  status_w: int, start_r: int, sync_r: int, no_pivot: bool) -> None:
+    """B: PID 1 of the container; set up, report ready, wait for start, execve."""
+    status_w, start_r, sync_r = _arrange_fds(stdio, devnull, (status_w, start_r, sync_r))
+    _Status.fd = status_w
+    while os.read(sync_r, 1):  # EOF once helper A has exited (its "P" line came first)
+        pass
+    os.close(sync_r)
+    os.setsid()
+    proc = cspec.process
+    if proc.oom_score_adj is not None:
+        _write("/proc/self/oom_score_adj", str(proc.oom_score_adj))
+    if cspec.hostname:
+        sc.sethostname(cspec.hostname)
+    if cspec.domainname:
+        sc.setdomainname(cspec.domainname)
+    # runc creates a missing cwd; on a read-only rootfs chdir reports it if it matters.
+    with contextlib.suppress(OSError):
+        os.makedirs(rootfs.secure_join(root, proc.cwd), 0o755, exist_ok=True)
+    rootfs.prepare(root, cspec, lambda text: _Status.send("W", text), no_pivot=no_pivot)
+    if proc.terminal:
+        _open_terminal(console=True)
+    rootfs.finish(cspec)
+    path = _prepare_process(proc)
+    _Status.send("R")
+    if not os.read(start_r, 1):
+        os._exit(0)  # the agent deleted the container before starting it
+    os.close(start_r)
+    _execve(path, proc)
+
+
+def _exec_helper(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
+                 status_w: int, sync_r: int, ack_r: int) -> None:
+    """Helper C: join the container's namespaces, fork D, report D's pid, exit."""
+    fds = []
+    try:
+        for name, nstype in _JOIN:
+            try:
+                fds.append((os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
+                            nstype))
+            except FileNotFoundError:
+                if name != "cgroup":
+                    raise
+        for fd, nstype in fds:
+            sc.setns(fd, nstype)
+    finally:
+        for fd, _ in fds:
+            os.close(fd)
+    pid = os.fork()
+    if pid == 0:
+        _child(status_w, lambda: _exec_process(pspec, stdio, devnull, status_w, sync_r, ack_r))
+    _Status.send("P", str(pid))
+
+
+def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
+                  sync_r: int, ack_r: int) -> None:
+    """D: a process in the container's namespaces (root and cwd: the container's root)."""
+    keep = (status_w, sync_r, ack_r) if ack_r >= 0 else (status_w, sync_r)
+    status_w, sync_r, *acks = _arrange_fds(stdio, devnull, keep)
+    _Status.fd = status_w
+    while os.read(sync_r, 1):
+        pass
+    os.close(sync_r)
+    if pspec.terminal:
+        os.setsid()
+        _open_terminal(console=False)
+        os.read(acks[0], 1)  # the agent has the master now (or gave up on it)
+        os.close(acks[0])
+    if pspec.oom_score_adj is not None:
+        _write("/proc/self/oom_score_adj", str(pspec.oom_score_adj))
+    path = _prepare_process(pspec)
+    _execve(path, pspec)
+
+
+def _arrange_fds(stdio: Stdio, devnull: int, keep: tuple[int, ...]) -> list[int]:
+    """stdio onto 0/1/2, the kept fds (close-on-exec) above them, every other fd closed."""
+    sources = [devnull if fd is None else fd for fd in (stdio.stdin, stdio.stdout, stdio.stderr)]
+    # Duplicate first: a source or kept fd may itself be 0, 1 or 2.
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (*sources, *keep)]
+    for target, fd in enumerate(moved[:3]):
+        os.dup2(fd, target)
+    kept = moved[3:]
+    low = 3
+    for fd in sorted(kept):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(low + 1, os.sysconf("SC_OPEN_MAX")))
+    return kept
+
+
+def _open_terminal(*, console: bool) -> None:
+    """A pty of the container's own devpts as the controlling terminal on 0/1/2.
+
+    The master goes to the agent (T line); runc instead sends it over a console socket.
+    """
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise rootfs.SetupError(f"terminal: open /dev/ptmx: {sc.strerror(exc.errno or 0)}"
+                                ) from exc
+    fcntl.ioctl(master, sc.TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+    number = struct.unpack("I", fcntl.ioctl(master, _TIOCGPTN, b"\0" * 4))[0]
+    try:
+        slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        slave = os.open(f"/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    os.close(slave)
+    if console:
+        try:  # runc: the init's terminal is also /dev/console
+            if not os.path.lexists("/dev/console"):
+                os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            sc.mount(f"/dev/pts/{number}", "/dev/console", None, sc.MS_BIND)
+        except OSError as exc:
+            _Status.send("W", f"/dev/console: {rootfs.os_text(exc)}")
+    _Status.send("T", str(master))
+
+
+def _prepare_process(proc: ProcessSpec) -> str:
+    """Limits, user and cwd of the process; returns the resolved executable."""
+    for rl in proc.rlimits:
+        sc.setrlimit(rl.resource, rl.soft, rl.hard)
+    if proc.no_new_privileges:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    # Try cwd as root first (it may be below a directory the user cannot search), then
+    # again as the user, like runc.
+    try:
+        os.chdir(proc.cwd)
+        cwd_done = True
+    except OSError:
+        cwd_done = False
+    user = proc.user
+    os.setgroups(list(user.additional_gids))
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+    os.umask(user.umask)
+    if not cwd_done:
+        try:
+            os.chdir(proc.cwd)
+        except OSError as exc:
+            raise rootfs.SetupError(f"chdir to cwd {proc.cwd}: {sc.strerror(exc.errno or 0)}"
+                                    ) from exc
+    return resolve(proc.args[0], proc.getenv("PATH"))
+
+
+def resolve(name: str, path_env: str | None) -> str:
+    """The executable execve will run: name, or the first match on PATH (exec.LookPath)."""
+    if "/" in name:
+        problem = _check_executable(name)
+        if problem:
+            raise ExecError(f'exec: "{name}": {sc.strerror(problem)}',
+                            127 if problem == errno.ENOENT else 126)
+        return name
+    denied = False
+    for directory in (DEFAULT_PATH if path_env is None else path_env).split(":"):
+        candidate = os.path.join(directory or ".", name)
+        problem = _check_executable(candidate)
+        if not problem:
+            return candidate
+        denied = denied or problem == errno.EACCES
+    if denied:
+        raise ExecError(f'exec: "{name}": permission denied', 126)
+    raise ExecError(f'exec: "{name}": executable file not found in $PATH', 127)
+
+
+def _check_executable(path: str) -> int:
+    """0 when path is an executable file, else the errno execve would give."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.errno or errno.ENOENT
+    if stat.S_ISDIR(st.st_mode) or not os.access(path, os.X_OK):
+        return errno.EACCES
+    return 0
+
+
+def _execve(path: str, proc: ProcessSpec) -> NoReturn:
+    env: dict[str, str] = {}
+    for item in proc.env:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            env[key] = value
+    try:
+        os.execve(path, list(proc.args), env)
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        raise ExecError(f'exec: "{proc.args[0]}": {sc.strerror(exc.errno or 0)}', code
+                        ) from exc
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+# ---------------------------------------------------------------------------- status pipe
+
+
+class StatusPipe:
+    """The agent's end of a child's status pipe: complete lines, then EOF."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.eof = False
+        self._partial = b""
+        #: set by the server: reads and handles what is there (also called when reaping)
+        self.on_readable: Callable[[], None] = _nothing
+
+    def read(self) -> list[tuple[str, str]]:
+        """The (kind, text) messages readable now; sets eof when the last writer is gone."""
+        chunks = [self._partial]
+        while not self.eof:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                break
+            if data:
+                chunks.append(data)
+            else:
+                self.eof = True
+        *lines, self._partial = b"".join(chunks).split(b"\n")
+        return [(line[:1].decode(), line[1:].decode(errors="replace")) for line in lines if line]
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,130 @@
+"""The per-sandbox proxy daemon of CLI mode (`hull proxy`, started by `hull create`).
+
+It boots the sandbox VM, owns QEMU (which dies with it) and the one agent channel, and
+serves clients — shims and CLI commands — on ``<state dir>/proxy.sock`` through the
+Router. It outlives the `hull create` that started it and exits when the sandbox is shut
+down (a client's ``shutdown`` request) or when the VM dies.
+
+Readiness goes back to `hull create` on an inherited pipe: ``ok`` or the error line.
+Exits of container processes are recorded in ``<state dir>/exits/<exec id or init>.json``
+(written atomically, no lock: a CLI command holding the container lock may be waiting
+on this very daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from hull.agentapi import schema
+from hull.config.settings import Config
+from hull.errors import HullError
+from hull.hypervisor.base import Share
+from hull.proxy.router import Router
+from hull.runtime.sandbox import Sandbox
+from hull.runtime.state import ContainerDir
+
+log = logging.getLogger("hull.proxyd")
+SOCKET_NAME = "proxy.sock"
+
+
+def short_path(path: Path) -> str:
+    """A name for ``path`` short enough for sun_path (108 bytes), via /proc/self/fd.
+
+    Container ids from containerd are 64 characters and --root paths can be long; the
+    directory is opened once and the socket reached through the fd's /proc link.
+    """
+    if len(str(path)) < 100:
+        return str(path)
+    fd = os.open(path.parent, os.O_PATH | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{path.name}"
+
+
+def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
+    exits = cdir.path / "exits"
+    exits.mkdir(exist_ok=True)
+    name = event.exec_id or "init"
+    tmp = exits / f".{name}.tmp"
+    tmp.write_text(json.dumps({"status": event.status, "signal": event.signal,
+                               "oom_killed": event.oom_killed, "time": time.time()}))
+    tmp.replace(exits / f"{name}.json")
+
+
+async def serve(config: Config, root: Path, cdir: ContainerDir,
+                shares: tuple[Share, ...], ready_fd: int) -> int:
+    sandbox = Sandbox(config, cdir.id, cdir.console_log, shares, state_root=root)
+    stop = asyncio.Event()
+
+    def violation(why: str) -> None:
+        log.error("sandbox %s: %s; killing the vm", cdir.id, why)
+        if sandbox.vm is not None:
+            sandbox.vm.kill()
+
+    router = Router(f"sandbox {cdir.id}", violation,
+                    on_exit=lambda event: record_exit(cdir, event))
+    server: asyncio.base_events.Server | None = None
+    try:
+        await sandbox.boot()
+        await router.attach(sandbox.vm_socket())
+        router.hello_reply = schema.params(await sandbox.handshake(router.call))
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await router.serve_client(reader, writer, "client")
+
+        sock_path = cdir.path / SOCKET_NAME
+        sock_path.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(client, short_path(sock_path))
+        os.chmod(sock_path, 0o600)
+        _report(ready_fd, "ok")
+        ready_fd = -1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        vm_dead = asyncio.ensure_future(sandbox.vm.wait()) if sandbox.vm else None
+        stopping = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(router.closed.wait())
+        waiting = [f for f in (vm_dead, stopping, failed) if f is not None]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for f in waiting:
+            f.cancel()
+        return 0
+    except HullError as exc:
+        if ready_fd >= 0:
+            _report(ready_fd, str(exc))
+        log.error("%s", exc)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+        if not router.failure:
+            with contextlib.suppress(HullError, OSError):
+                await router.call(schema.Method.SHUTDOWN, {}, timeout=1.0)
+        await router.close()
+        if sandbox.vm is not None:
+            await sandbox.vm.stop(timeout=1.0)
+        (cdir.path / SOCKET_NAME).unlink(missing_ok=True)
+
+
+def _report(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode()[:4000] + b"\n")
+        os.close(fd)
+
+
+def connect(cdir: ContainerDir) -> socket.socket:
+    """A connected socket to the proxy of ``cdir``'s sandbox."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(short_path(cdir.path / SOCKET_NAME))
+    except OSError as exc:
+        sock.close()
+        raise HullError(f"container {cdir.id}: its proxy does not answer ({exc.strerror})"
+                        ) from exc
+    return sock
