@@ -40,6 +40,7 @@ def rootfs_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.exists():
         pytest.fail(f"{BUSYBOX} is missing: apt-get install busybox-static")
     root = tmp_path_factory.mktemp("rootfs")
+    root.chmod(0o755)  # mktemp makes it 0700: a non-root container user must get in
     for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "home/user", "work"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy(BUSYBOX, root / "bin/busybox")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -31,9 +32,28 @@ def test_exit_codes(hull: Runner, bundle: BundleFactory) -> None:
         assert done.returncode == code, done.stderr
 
 
+def crashing_elf() -> bytes:
+    """A static x86_64 ELF whose only instruction is ud2: it dies of SIGILL.
+
+    A signal sent from inside the container cannot kill its PID 1 (the kernel protects a
+    namespace's init), but a fault can: this is a real death by signal.
+    """
+    code = b"\x0f\x0b"  # ud2
+    load, ehdr, phdr = 0x400000, 64, 56
+    entry = load + ehdr + phdr
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, ehdr, 0, 0, ehdr, phdr, 1, 64, 0, 0)
+    size = ehdr + phdr + len(code)
+    program = struct.pack("<IIQQQQQQ", 1, 5, 0, load, load, size, size, 0x1000)
+    return header + program + code
+
+
 def test_death_by_signal(hull: Runner, bundle: BundleFactory) -> None:
-    done = hull("run", "-b", str(bundle(["sh", "-c", "kill -9 $$"])), "sig")
-    assert done.returncode == 128 + 9, done.stderr
+    b = bundle(["/bin/crash"])
+    (b / "rootfs/bin/crash").write_bytes(crashing_elf())
+    (b / "rootfs/bin/crash").chmod(0o755)
+    done = hull("run", "-b", str(b), "sig")
+    assert done.returncode == 128 + signal.SIGILL, done.stderr
 
 
 def test_stdin_round_trip(hull: Runner, bundle: BundleFactory) -> None:
