@@ -145,6 +145,7 @@ class Sandbox:
         for fut in self._exits.values():
             if not fut.done():
                 fut.set_exception(HypervisorError(f"vm of {self.id} stopped"))
+                fut.exception()  # a waiter may have gone already: do not log it as lost
 
     # ----------------------------------------------------------------- requests
 
