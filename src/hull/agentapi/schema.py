@@ -40,6 +40,14 @@ class Method(enum.StrEnum):
     RESIZE_PTY = "resize_pty"
     DELETE_CONTAINER = "delete_container"
     SHUTDOWN = "shutdown"
+    # Answered by the proxy itself, never forwarded to the agent: they act on the VM.
+    PAUSE_SANDBOX = "pause_sandbox"
+    RESUME_SANDBOX = "resume_sandbox"
+    STOP_SANDBOX = "stop_sandbox"
+
+
+#: Methods the proxy handles without the agent (see hull.proxy.router).
+PROXY_METHODS = frozenset({Method.PAUSE_SANDBOX, Method.RESUME_SANDBOX, Method.STOP_SANDBOX})
 
 
 class Event(enum.StrEnum):

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from hull.errors import AgentError, ProtocolError
 
 log = logging.getLogger("hull.proxy")
 ProcessKey = tuple[str, str]
+ProxyHandler = Callable[[schema.Method], Awaitable[dict[str, Any]]]
 READ_SIZE = 256 * 1024
 
 
@@ -64,10 +65,13 @@ class Route:
 
 class Router:
     def __init__(self, name: str, on_violation: Callable[[str], None],
-                 on_exit: Callable[[schema.ProcessExit], None] | None = None) -> None:
+                 on_exit: Callable[[schema.ProcessExit], None] | None = None,
+                 on_proxy_request: ProxyHandler | None = None) -> None:
         self.name = name
         self.on_violation = on_violation
         self.on_exit = on_exit
+        self.on_proxy_request = on_proxy_request
+        self._tasks: set[asyncio.Task[None]] = set()
         self.hello_reply: dict[str, Any] | None = None
         self.failure: str | None = None
         self.closed = asyncio.Event()
@@ -253,6 +257,11 @@ class Router:
             client.send(Frame(Kind.RESPONSE, 0, schema.encode(
                 schema.Response(request.id, self.hello_reply or {}).to_json())))
             return
+        if request.method in schema.PROXY_METHODS:
+            task = asyncio.get_running_loop().create_task(self._proxy_request(client, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         params = request.params
         if request.method in (schema.Method.CREATE_CONTAINER, schema.Method.EXEC_PROCESS):
             params = self._map_process(client, request.method, params)
@@ -260,6 +269,19 @@ class Router:
         self._pending[rid] = (client, request.id)
         self._up(Frame(Kind.REQUEST, 0, schema.encode(
             schema.Request(rid, request.method, params).to_json())))
+
+    async def _proxy_request(self, client: Client, request: schema.Request) -> None:
+        if self.on_proxy_request is None:
+            response = schema.Response(request.id, error_kind=schema.ErrorKind.INVALID,
+                                       error_message=f"{request.method} is not supported here")
+        else:
+            try:
+                response = schema.Response(request.id, await self.on_proxy_request(
+                    request.method))
+            except Exception as exc:  # the handler's failure is the client's answer
+                response = schema.Response(request.id, error_kind=schema.ErrorKind.FAILED,
+                                           error_message=str(exc))
+        client.send(Frame(Kind.RESPONSE, 0, schema.encode(response.to_json())))
 
     def _map_process(self, client: Client, method: schema.Method,
                      params: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +312,12 @@ class Router:
         client.processes.add(key)
         return {**params, "stdio": mapped}
 
+    def _reserve(self) -> int:
+        """An upstream request id whose answer nobody waits for."""
+        rid = next(self._ids)
+        self._pending[rid] = None
+        return rid
+
     def _forget(self, client: Client) -> None:
         """A client left: its guest->host streams are drained (discarded) from now on."""
         for upstream in client.streams.values():
@@ -303,7 +331,13 @@ class Router:
                 with contextlib.suppress(ProtocolError):
                     self._up(Frame(Kind.CLOSE, upstream))
         for key in client.processes:
+            # A shim's process lives exactly as long as the shim: when the shim is gone
+            # (killed, say), so is its process.
             self._owners[key] = None
+            with contextlib.suppress(ProtocolError):
+                self._up(Frame(Kind.REQUEST, 0, schema.encode(schema.Request(
+                    self._reserve(), schema.Method.SIGNAL_PROCESS,
+                    {"container_id": key[0], "exec_id": key[1], "signal": 9}).to_json())))
         for rid, waiter in list(self._pending.items()):
             if isinstance(waiter, tuple) and waiter[0] is client:
                 # keep the id reserved so the agent's late answer is not a violation

@@ -40,6 +40,10 @@ class Machine:
     def machine_arg(self, accel: Accel) -> str:
         raise NotImplementedError
 
+    def kernel_params(self) -> tuple[str, ...]:
+        """Kernel parameters this machine needs."""
+        return ()
+
     def cpu(self, accel: Accel) -> str:
         return "host" if accel is Accel.KVM else "max"
 
@@ -57,6 +61,9 @@ class Microvm(Machine):
         # serial stays on for the console; the RTC gives the guest a wall clock early.
         return (f"microvm,accel={accel},x-option-roms=off,pit=off,pic=off,isa-serial=on,"
                 "rtc=on")
+
+    def kernel_params(self) -> tuple[str, ...]:
+        return ("pci=off",)  # no PCI bus: skip probing it
 
 
 class Q35(Machine):
@@ -83,7 +90,7 @@ def escape(value: object) -> str:
 
 
 def kernel_cmdline(config: VMConfig) -> str:
-    params = list(BASE_KERNEL_PARAMS)
+    params = [*BASE_KERNEL_PARAMS, *machine_for(config.machine_type).kernel_params()]
     if config.tsc_khz:
         params.append(f"tsc_early_khz={config.tsc_khz}")
     params.extend(config.kernel_params)
