@@ -217,17 +217,30 @@ class HelloReply:
                    get_str(o, "kernel_release", max_len=256))
 
 
+MAX_SHARE_PATH = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class RootfsShare:
-    """How the container's root filesystem reaches the guest: a virtio-9p mount tag."""
+    """How the container's root filesystem reaches the guest: a virtio-9p mount tag.
+
+    ``path`` is the rootfs's directory inside the share ("" = the share's root): a pod's
+    containers all live in one share (microvm devices cannot be hot-plugged), each under
+    its own subdirectory. Relative, without "..", so it cannot leave the share.
+    """
 
     tag: str
     readonly: bool = False
+    path: str = ""
 
     @classmethod
     def from_json(cls, obj: Any) -> RootfsShare:
         o = _obj(obj, "rootfs")
-        return cls(get_str(o, "tag", max_len=31), get_bool(o, "readonly"))
+        path = get_str(o, "path", max_len=MAX_SHARE_PATH, optional=True)
+        parts = path.split("/")
+        if path and (path.startswith("/") or "\0" in path or ".." in parts):
+            raise SchemaError(f"rootfs path {path!r} must be relative, without '..'")
+        return cls(get_str(o, "tag", max_len=31), get_bool(o, "readonly"), path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,11 +21,26 @@ class Context:
     root: Path = DEFAULT_ROOT
     config_path: str | None = None
     debug: bool = False
+    log_path: str | None = None
+    log_format: str = "text"
     _config: settings.Config | None = field(default=None, repr=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
-        return cls(root=Path(args.root), config_path=args.config, debug=args.debug)
+        return cls(root=Path(args.root).absolute(), config_path=args.config, debug=args.debug,
+                   log_path=args.log, log_format=args.log_format)
+
+    def hull_argv(self, *verb: str) -> list[str]:
+        """The command line of a `hull` helper process with the same global flags."""
+        argv = [sys.executable, "-m", "hull", "--root", str(self.root),
+                "--log-format", self.log_format]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        if self.log_path:
+            argv += ["--log", self.log_path]
+        if self.debug:
+            argv.append("--debug")
+        return [*argv, *verb]
 
     @property
     def config(self) -> settings.Config:

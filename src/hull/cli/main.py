@@ -12,11 +12,29 @@ import sys
 from collections.abc import Sequence
 
 from hull import __version__
-from hull.cli import check, image, kernel, run
+from hull.cli import (
+    check,
+    create,
+    delete,
+    exec_,
+    features,
+    helpers,
+    image,
+    kernel,
+    kill,
+    list_,
+    pause,
+    ps,
+    run,
+    spec,
+    start,
+    state,
+)
 from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
 from hull.errors import HullError
 
-VERBS = (run, check, kernel, image)
+VERBS = (create, start, run, state, kill, delete, exec_, ps, list_, pause, spec, features,
+         check, kernel, image, helpers)
 log = logging.getLogger("hull")
 
 
@@ -34,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="configuration file (default: $HULL_CONFIG or "
                              "/etc/hull/configuration.toml)")
+    parser.add_argument("--systemd-cgroup", action="store_true",
+                        help="accepted for compatibility: cgroups live in the guest")
+    parser.add_argument("--rootless", default="auto", choices=("true", "false", "auto"),
+                        help="accepted for compatibility (default: %(default)s)")
+    parser.add_argument("--criu", default="criu", help=argparse.SUPPRESS)
     parser.add_argument("--version", "-v", action="version",
                         version=f"hull version {__version__}\nspec: 1.1.0")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)

@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from hull.agentapi import schema
 from hull.config.settings import Config
@@ -67,8 +68,19 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         if sandbox.vm is not None:
             sandbox.vm.kill()
 
+    async def proxy_request(method: schema.Method) -> dict[str, Any]:
+        assert sandbox.vm is not None
+        if method is schema.Method.PAUSE_SANDBOX:
+            await sandbox.vm.pause()
+        elif method is schema.Method.RESUME_SANDBOX:
+            await sandbox.vm.resume()
+        elif method is schema.Method.STOP_SANDBOX:
+            stop.set()
+        return {}
+
     router = Router(f"sandbox {cdir.id}", violation,
-                    on_exit=lambda event: record_exit(cdir, event))
+                    on_exit=lambda event: record_exit(cdir, event),
+                    on_proxy_request=proxy_request)
     server: asyncio.base_events.Server | None = None
     try:
         await sandbox.boot()

@@ -45,14 +45,43 @@ def check_id(container_id: str) -> str:
     return container_id
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), None if it is gone or a zombie.
+
+    Comparing it with the recorded value tells a live process from a reused pid.
+    """
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    return pid > 0 and start_time(pid) == started
+
+
 @dataclass
 class ContainerState:
     id: str
     bundle: str
     status: Status = Status.CREATING
+    #: The container pid clients see: the init process's shim.
     pid: int = 0
+    pid_start: int = 0
     created: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
+    rootfs: str = ""
+    owner: str = ""
+    #: The sandbox's proxy daemon (CLI mode), which owns QEMU.
+    proxy_pid: int = 0
+    proxy_start: int = 0
     #: Host pid of the hypervisor process serving this container.
     vm_pid: int = 0
 
@@ -60,6 +89,25 @@ class ContainerState:
         data = asdict(self)
         data["status"] = str(self.status)
         return data
+
+    # Transitions allowed by runtime-spec runtime.md ("Lifecycle", "Operations").
+    def can_start(self) -> bool:
+        return self.status is Status.CREATED
+
+    def can_kill(self) -> bool:
+        return self.status in (Status.CREATED, Status.RUNNING, Status.PAUSED)
+
+    def can_exec(self) -> bool:
+        return self.status is Status.RUNNING
+
+    def can_delete(self) -> bool:
+        return self.status in (Status.STOPPED, Status.CREATED)
+
+    def can_pause(self) -> bool:
+        return self.status is Status.RUNNING
+
+    def can_resume(self) -> bool:
+        return self.status is Status.PAUSED
 
 
 class ContainerDir:
@@ -91,7 +139,8 @@ class ContainerDir:
         try:
             data = json.loads((self.path / "state.json").read_text())
             data["status"] = Status(data["status"])
-            return ContainerState(**data)
+            known = {f for f in ContainerState.__dataclass_fields__}
+            return ContainerState(**{k: v for k, v in data.items() if k in known})
         except FileNotFoundError:
             raise ContainerNotFound(self.id) from None
         except (OSError, ValueError, TypeError, KeyError) as exc:

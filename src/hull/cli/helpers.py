@@ -1,0 +1,78 @@
+"""Hidden verbs Hull starts itself: `hull proxy` (per-sandbox daemon) and `hull shim`
+(per-process relay). Not for people: `hull create` and `hull exec` run them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+from hull.cli.context import Context, setup_logging
+from hull.errors import HullError
+from hull.oci import bundle as oci_bundle
+from hull.runtime import proxyd, shim
+from hull.runtime.run import ROOTFS_TAG, rootfs_share
+from hull.runtime.state import ContainerDir
+
+log = logging.getLogger("hull")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _hidden(sub, "proxy")
+    _hidden(sub, "shim")
+
+
+def _hidden(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    # Added without help=, argparse leaves them out of the --help listing.
+    p = sub.add_parser(name)
+    if name == "proxy":
+        p.add_argument("--ready-fd", type=int, required=True)
+        p.add_argument("--bundle", required=True)
+        p.add_argument("container_id")
+        p.set_defaults(func=run_proxy)
+        return
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--bundle", default=None, help="the init process: create the container")
+    p.add_argument("--exec-id", default="", help="an exec process")
+    p.add_argument("--process", default=None, help="the exec's process.json")
+    p.add_argument("--console-socket", default=None)
+    p.add_argument("container_id")
+    p.set_defaults(func=run_shim)
+
+
+def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
+    cdir = ContainerDir(ctx.root, args.container_id)
+    try:
+        bundle = oci_bundle.load(args.bundle)
+    except HullError as exc:
+        os.write(args.ready_fd, f"{exc}\n".encode())
+        return 1
+    return asyncio.run(proxyd.serve(ctx.config, ctx.root, cdir, (rootfs_share(bundle),),
+                                    args.ready_fd))
+
+
+def run_shim(ctx: Context, args: argparse.Namespace) -> int:
+    cdir = ContainerDir(ctx.root, args.container_id)
+    if ctx.log_path is None:
+        # stderr is the container's: the shim must never write its own messages there.
+        setup_logging(str(cdir.path / "shim.log"), ctx.log_format, ctx.debug)
+    try:
+        if args.bundle:
+            bundle = oci_bundle.load(args.bundle)
+            payload = {"spec": bundle.spec,
+                       "rootfs": {"tag": ROOTFS_TAG, "readonly": bundle.readonly_rootfs}}
+            terminal = bundle.terminal
+        else:
+            process = json.loads(Path(args.process).read_text())
+            payload = {"process": process}
+            terminal = bool(process.get("terminal", False))
+    except (HullError, OSError, ValueError) as exc:
+        os.write(args.ready_fd, f"{exc}\n".encode())
+        return 1
+    if not args.console_socket:
+        os.setsid()  # out of the caller's process group: signals reach us only as sent
+    request = shim.ShimRequest(cdir, args.exec_id, payload, args.console_socket, terminal)
+    return asyncio.run(shim.serve(request, args.ready_fd))
