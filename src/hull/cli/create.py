@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def execute(ctx: Context, args: argparse.Namespace) -> int:
     check_id(args.container_id)
-    bundle = oci_bundle.load(args.bundle)
     warn_preserve_fds(args.preserve_fds, args.container_id)
+    bundle = oci_bundle.load(args.bundle)
     runtime(ctx).create(args.container_id, bundle, args.pid_file, args.console_socket)
     return 0
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hull import __version__
 from hull.cli import (
@@ -38,8 +39,17 @@ VERBS = (create, start, run, state, kill, delete, exec_, ps, list_, pause, spec,
 log = logging.getLogger("hull")
 
 
+class UsageError(HullError):
+    """Bad command-line usage: one line, exit 1 (as runc), not argparse's usage dump."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hull",
         description="Hull: an OCI runtime that runs every container in its own lightweight VM.",
     )
@@ -67,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     setup_logging(args.log, args.log_format, args.debug)
     ctx = Context.from_args(args)
     try:

@@ -24,18 +24,10 @@ EM_AARCH64 = 183
 @dataclass(frozen=True)
 class ElfInfo:
     machine: int
-    interp: str | None  # PT_INTERP: the loader path the kernel maps, e.g. /lib64/ld-linux-x86-64.so.2
+    interp: str | None  # PT_INTERP, the loader the kernel maps: /lib64/ld-linux-x86-64.so.2
     needed: tuple[str, ...]  # DT_NEEDED sonames, in order
     soname: str | None
     runpath: tuple[str, ...]  # DT_RUNPATH (or DT_RPATH), split on ':'
-
-
-def is_elf(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
 
 
 def read_elf(path: Path) -> ElfInfo:
@@ -69,7 +61,8 @@ def parse_elf(data: bytes) -> ElfInfo:
             p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
                 end + "IIQQQQ", data, off)
         else:
-            p_type, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(end + "IIIII", data, off)
+            p_type, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+                end + "IIIII", data, off)
         if p_type == PT_LOAD:
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == PT_DYNAMIC:
