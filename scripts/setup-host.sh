@@ -16,6 +16,7 @@ packages=(
     libelf-dev libssl-dev cpio xz-utils zstd kmod
     python3 python3-venv python3-dev                      # Hull itself
     runc                                                  # benchmarks compare against it
+    containerd                                            # shim v2 tests (private instance)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -33,6 +34,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
 ln -sf "$venv/bin/hull" /usr/local/bin/hull
+ln -sf "$venv/bin/containerd-shim-hull-v2" /usr/local/bin/containerd-shim-hull-v2
 if [ ! -e /etc/hull/configuration.toml ]; then
     install -D -m 0644 "$repo/src/hull/config/configuration.toml" /etc/hull/configuration.toml
 fi

@@ -62,6 +62,8 @@ class Server:
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Process] = {}
         self.helpers: set[int] = set()
+        #: mount points of shares mounted once and shared by containers (RootfsShare.path)
+        self.share_mounts: set[str] = set()
         self.hello_done = False
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.own_pidns = os.readlink("/proc/self/ns/pid")
@@ -228,7 +230,9 @@ class Server:
     def _mount_rootfs(self, cid: str, share: schema.RootfsShare, root: str) -> None:
         os.makedirs(root, 0o755, exist_ok=True)
         try:
-            if self.options.share_dir is not None:
+            if share.path:
+                self._bind_from_share(share, root)
+            elif self.options.share_dir is not None:
                 if not share.tag or "/" in share.tag or share.tag in (".", ".."):
                     raise OSError(errno.EINVAL, f"share tag {share.tag!r} is not valid")
                 sc.mount(os.path.join(self.options.share_dir, share.tag), root, None,
@@ -242,6 +246,33 @@ class Server:
             _unmount(root)
             raise RequestError(ErrorKind.FAILED, f"container {cid}: mount rootfs share "
                                f"{share.tag}: {exc.strerror}") from None
+
+    def _bind_from_share(self, share: schema.RootfsShare, root: str) -> None:
+        """Bind <share>/<path> as the rootfs: a pod's containers share one 9p device."""
+        point = self._share_mount(share.tag)
+        source = os.path.realpath(os.path.join(point, share.path))
+        # The schema refuses "..": this also refuses a symlink leading out of the share.
+        if not source.startswith(point + "/"):
+            raise OSError(errno.EINVAL, f"rootfs path {share.path!r} leaves the share")
+        sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
+        if share.readonly:
+            sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+
+    def _share_mount(self, tag: str) -> str:
+        """Where share ``tag`` is mounted, mounting it on first use (once per tag)."""
+        if not tag or "/" in tag or tag in (".", ".."):
+            raise OSError(errno.EINVAL, f"share tag {tag!r} is not valid")
+        point = os.path.join(self.options.run_dir, "shares", tag)
+        if point in self.share_mounts:
+            return point
+        os.makedirs(point, 0o755, exist_ok=True)
+        if self.options.share_dir is not None:
+            sc.mount(os.path.join(self.options.share_dir, tag), point, None,
+                     sc.MS_BIND | sc.MS_REC)
+        else:
+            sc.mount(tag, point, "9p", 0, _9P_OPTIONS)
+        self.share_mounts.add(point)
+        return point
 
     def _start(self, rid: int, params: dict[str, Any]) -> None:
         ctr = self._container(schema.ContainerRef.from_json(params).container_id)

@@ -1,0 +1,470 @@
+"""One pod as the shim runs it: a sandbox VM and the tasks (containers, execs) inside it.
+
+The Task service (service.py) only translates protobuf to the calls here; this module
+decides. The first Create boots the VM (sandbox), later Creates of the same pod join it
+(INTEGRATION.md §2 "CRI pod grouping"). Each container's rootfs is bound into the
+sandbox's one 9p share at ``<cid>/rootfs`` (see mounts.py). Events go out in the order
+the shim v2 contract requires: a process's exit is published only after its start (or
+after it was killed or lost before starting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from hull.agentapi import schema
+from hull.config.settings import Config
+from hull.errors import (
+    BundleError,
+    ContainerExists,
+    ContainerNotFound,
+    HullError,
+    InvalidState,
+)
+from hull.hypervisor.base import Share
+from hull.oci import bundle as oci_bundle
+from hull.runtime.sandbox import Sandbox
+from hull.shim.proto import events_pb2, types_pb2
+from hull.shim.v2 import mounts, sizing
+from hull.shim.v2.events import Publisher
+from hull.shim.v2.placeholder import Placeholder
+from hull.shim.v2.stdio import StdioPaths, TaskIO
+
+log = logging.getLogger("hull.shim.pod")
+SHARE_TAG = "hullshared"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+VM_LOST_STATUS = 255
+
+
+class Status(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class ProcessGone(HullError):
+    """Kill of a process that already finished (containerd maps it to NotFound)."""
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class Proc:
+    container_id: str
+    exec_id: str
+    paths: StdioPaths
+    pid: int
+    spec: dict[str, Any] | None = None  # an exec's OCI process
+    status: Status = Status.CREATED
+    exit_status: int = 0
+    exited_at: datetime.datetime | None = None
+    io: TaskIO | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set once the process's exit may be published (after its start event)
+    may_report: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    spec: dict[str, Any]
+    rootfs: Path
+    mounted_rootfs: bool
+    share: Path
+    placeholder: Placeholder
+    init: Proc
+    execs: dict[str, Proc] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    id: str
+    bundle: str
+    rootfs: tuple[mounts.MountSpec, ...]
+    stdio: StdioPaths
+    config_path: str = ""
+
+
+class Pod:
+    def __init__(self, namespace: str, state_root: Path, publisher: Publisher,
+                 load_config: Callable[[str], Config]) -> None:
+        self.namespace = namespace
+        self.state_root = state_root
+        self.publisher = publisher
+        self.load_config = load_config
+        self.sandbox: Sandbox | None = None
+        self.sandbox_id = ""
+        self.containers: dict[str, Container] = {}
+        self.paused = False
+        self._vm_watch: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # Create and Delete change the pod one at a time
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state_root / self.namespace / self.sandbox_id
+
+    @property
+    def shared(self) -> Path:
+        return self.state_dir / "shared"
+
+    # ------------------------------------------------------------------ lookups
+
+    def container(self, cid: str) -> Container:
+        ctr = self.containers.get(cid)
+        if ctr is None:
+            raise ContainerNotFound(cid)
+        return ctr
+
+    def process(self, cid: str, exec_id: str) -> Proc:
+        ctr = self.container(cid)
+        if not exec_id:
+            return ctr.init
+        proc = ctr.execs.get(exec_id)
+        if proc is None:
+            raise ContainerNotFound(f"{cid} exec {exec_id}")
+        return proc
+
+    def _running_sandbox(self) -> Sandbox:
+        if self.sandbox is None or self.sandbox.channel is None:
+            raise InvalidState(f"sandbox {self.sandbox_id} is not running")
+        return self.sandbox
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, req: CreateRequest) -> int:
+        async with self._lock:
+            if req.id in self.containers:
+                raise ContainerExists(req.id)
+            bundle = Path(req.bundle)
+            spec = _load_spec(bundle)
+            annotations = spec.get("annotations") or {}
+            sandbox_id = annotations.get(SANDBOX_ID) or req.id
+            if self.sandbox is not None and sandbox_id != self.sandbox_id:
+                raise InvalidState(f"container {req.id} belongs to sandbox {sandbox_id}, "
+                                   f"this shim serves {self.sandbox_id}")
+            with contextlib.ExitStack() as undo:
+                rootfs = bundle / "rootfs"
+                if req.rootfs:
+                    mounts.mount_all(req.rootfs, rootfs)
+                    undo.callback(mounts.unmount, rootfs)
+                else:
+                    rootfs = oci_bundle.Bundle(bundle, spec).rootfs  # docker: absolute path
+                if self.sandbox is None:
+                    self.sandbox_id = sandbox_id
+                    await self._boot(req, annotations)
+                readonly = bool(spec["root"].get("readonly", False))
+                share = self.shared / req.id / "rootfs"
+                mounts.bind(rootfs, share, readonly)
+                undo.callback(mounts.remove_bind, share)
+                placeholder = await Placeholder.spawn(req.id, spec)
+                try:
+                    proc = Proc(req.id, "", req.stdio, placeholder.pid)
+                    await self._create_in_guest(req.id, spec, readonly, proc)
+                except BaseException:
+                    await placeholder.stop()
+                    raise
+                undo.pop_all()
+            ctr = Container(req.id, bundle, spec, rootfs, bool(req.rootfs), share, placeholder,
+                            proc)
+            self.containers[req.id] = ctr
+            self.publisher.publish(events_pb2.TaskCreate(
+                container_id=req.id, bundle=req.bundle, pid=proc.pid,
+                rootfs=[types_pb2.Mount(type=m.type, source=m.source, options=m.options)
+                        for m in req.rootfs],
+                io=events_pb2.TaskIO(stdin=req.stdio.stdin, stdout=req.stdio.stdout,
+                                     stderr=req.stdio.stderr, terminal=req.stdio.terminal)))
+            return proc.pid
+
+    async def _boot(self, req: CreateRequest, annotations: dict[str, str]) -> None:
+        config = sizing.apply(self.load_config(req.config_path), annotations)
+        self.shared.mkdir(parents=True, exist_ok=True)
+        sandbox = Sandbox(config, self.sandbox_id, self.state_dir / "console.log",
+                          (Share(SHARE_TAG, self.shared),), state_root=self.state_dir)
+        try:
+            await sandbox.__aenter__()
+        except BaseException:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
+        self.sandbox = sandbox
+        assert sandbox.vm is not None
+        # For the `delete` cleanup of a shim that died (main.py cleanup_dead).
+        (self.state_dir / "qemu.pid").write_text(f"{sandbox.vm.pid}\n")
+        self._vm_watch = asyncio.create_task(self._watch_vm(sandbox))
+
+    async def _create_in_guest(self, cid: str, spec: dict[str, Any], readonly: bool,
+                               proc: Proc) -> None:
+        sandbox = self._running_sandbox()
+        assert sandbox.channel is not None
+        proc.io = await TaskIO.open(sandbox.channel, proc.paths, cid, self.namespace)
+        fut = self._exit_future(sandbox, cid, "")
+        try:
+            request = schema.CreateContainer(
+                cid, spec, schema.RootfsShare(SHARE_TAG, readonly, f"{cid}/rootfs"),
+                proc.io.streams)
+            await sandbox.call(schema.Method.CREATE_CONTAINER, request)
+        except BaseException:
+            proc.io.close_fds()
+            self._forget_exit(sandbox, cid, "")
+            raise
+        proc.io.start_input()
+        proc.watcher = asyncio.create_task(self._watch(proc, fut))
+
+    # ------------------------------------------------------------------ start / exec
+
+    async def start(self, cid: str, exec_id: str) -> int:
+        proc = self.process(cid, exec_id)
+        if proc.status is not Status.CREATED:
+            raise InvalidState(f"process {cid}/{exec_id} is {proc.status.value}, not created")
+        sandbox = self._running_sandbox()
+        if not exec_id:
+            await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
+            proc.status = Status.RUNNING
+            self.publisher.publish(events_pb2.TaskStart(container_id=cid, pid=proc.pid))
+        else:
+            await self._start_exec(sandbox, proc)
+            self.publisher.publish(events_pb2.TaskExecStarted(
+                container_id=cid, exec_id=exec_id, pid=proc.pid))
+        proc.may_report.set()
+        return proc.pid
+
+    async def _start_exec(self, sandbox: Sandbox, proc: Proc) -> None:
+        assert sandbox.channel is not None and proc.spec is not None
+        cid, exec_id = proc.container_id, proc.exec_id
+        proc.io = await TaskIO.open(sandbox.channel, proc.paths, cid, self.namespace)
+        fut = self._exit_future(sandbox, cid, exec_id)
+        try:
+            await sandbox.call(schema.Method.EXEC_PROCESS, schema.ExecProcess(
+                cid, exec_id, proc.spec, proc.io.streams))
+        except BaseException:
+            proc.io.close_fds()
+            self._forget_exit(sandbox, cid, exec_id)
+            raise
+        proc.status = Status.RUNNING
+        proc.io.start_input()
+        proc.watcher = asyncio.create_task(self._watch(proc, fut))
+
+    def add_exec(self, cid: str, exec_id: str, paths: StdioPaths,
+                 process: dict[str, Any]) -> None:
+        ctr = self.container(cid)
+        if ctr.init.status is not Status.RUNNING:
+            raise InvalidState(f"container {cid} is {ctr.init.status.value}, not running")
+        if not exec_id:
+            raise BundleError("exec id must not be empty")
+        if exec_id in ctr.execs:
+            raise ContainerExists(f"{cid} exec {exec_id}")
+        oci_bundle.check_process(process, f"exec {exec_id}")
+        ctr.execs[exec_id] = Proc(cid, exec_id, paths, ctr.init.pid, spec=process)
+        self.publisher.publish(events_pb2.TaskExecAdded(container_id=cid, exec_id=exec_id))
+
+    # ------------------------------------------------------------------ exits
+
+    async def _watch(self, proc: Proc, fut: asyncio.Future[schema.ProcessExit]) -> None:
+        try:
+            status = (await fut).status
+        except HullError:
+            status = VM_LOST_STATUS
+        if proc.io is not None:
+            await proc.io.drain()
+            proc.io.close_fds()
+        await proc.may_report.wait()
+        self._exited(proc, status)
+
+    def _exited(self, proc: Proc, status: int) -> None:
+        if proc.exited.is_set():
+            return
+        proc.status, proc.exit_status, proc.exited_at = Status.STOPPED, status, now()
+        self.publisher.publish(events_pb2.TaskExit(
+            container_id=proc.container_id, id=proc.exec_id or proc.container_id,
+            pid=proc.pid, exit_status=status, exited_at=_timestamp(proc.exited_at)))
+        proc.exited.set()
+
+    async def _watch_vm(self, sandbox: Sandbox) -> None:
+        reason = await sandbox.watch_vm()
+        if self.sandbox is not sandbox:
+            return
+        log.error("sandbox %s: %s", self.sandbox_id, reason)
+        for ctr in self.containers.values():
+            for proc in (ctr.init, *ctr.execs.values()):
+                if proc.status is not Status.STOPPED and proc.watcher is not None:
+                    proc.may_report.set()
+                    proc.watcher.cancel()
+                    if proc.io is not None:
+                        proc.io.close_fds()
+                    self._exited(proc, VM_LOST_STATUS)
+
+    @staticmethod
+    def _exit_future(sandbox: Sandbox, cid: str, exec_id: str
+                     ) -> asyncio.Future[schema.ProcessExit]:
+        Pod._forget_exit(sandbox, cid, exec_id)  # an exec id may be reused after delete
+        return sandbox.exit_future(cid, exec_id)
+
+    @staticmethod
+    def _forget_exit(sandbox: Sandbox, cid: str, exec_id: str) -> None:
+        # Sandbox has no public way to drop a waiter yet (asked of the runtime's owner).
+        sandbox._exits.pop((cid, exec_id), None)
+
+    async def wait(self, cid: str, exec_id: str) -> Proc:
+        proc = self.process(cid, exec_id)
+        await proc.exited.wait()
+        return proc
+
+    # ------------------------------------------------------------------ signals / tty
+
+    async def kill(self, cid: str, exec_id: str, signal: int, all: bool) -> None:
+        proc = self.process(cid, exec_id)
+        if proc.status is Status.STOPPED or (exec_id and proc.status is Status.CREATED):
+            raise ProcessGone(f"process {cid}/{exec_id}: process already finished")
+        if proc.status is Status.CREATED:
+            proc.may_report.set()  # killed before start: its exit follows create
+        try:
+            await self._running_sandbox().call(
+                schema.Method.SIGNAL_PROCESS, schema.SignalProcess(cid, exec_id, signal, all))
+        except InvalidState as exc:
+            raise ProcessGone(f"process {cid}/{exec_id}: {exc}") from exc
+
+    async def resize(self, cid: str, exec_id: str, width: int, height: int) -> None:
+        proc = self.process(cid, exec_id)
+        if proc.status is not Status.STOPPED and proc.io is not None:
+            await self._running_sandbox().call(
+                schema.Method.RESIZE_PTY, schema.ResizePty(cid, exec_id, height, width))
+
+    async def close_stdin(self, cid: str, exec_id: str) -> None:
+        proc = self.process(cid, exec_id)
+        if proc.io is not None:
+            await proc.io.close_stdin()
+
+    # ------------------------------------------------------------------ pause
+
+    async def pause(self, cid: str) -> None:
+        self.container(cid)
+        await self._pause_vm(cid, pause=True)
+        self.publisher.publish(events_pb2.TaskPaused(container_id=cid))
+
+    async def resume(self, cid: str) -> None:
+        self.container(cid)
+        await self._pause_vm(cid, pause=False)
+        self.publisher.publish(events_pb2.TaskResumed(container_id=cid))
+
+    async def _pause_vm(self, cid: str, pause: bool) -> None:
+        # The whole VM stops (QMP stop/cont): right for a one-container sandbox; freezing
+        # one container of a pod needs the guest's cgroup freezer, which is not there yet.
+        others = [c for c in self.containers if c != cid
+                  and self.containers[c].init.status is Status.RUNNING]
+        if others:
+            raise NotImplementedError(f"pausing container {cid} alone in a pod with "
+                                      f"{', '.join(others)} is not supported yet")
+        sandbox = self._running_sandbox()
+        if pause == self.paused:
+            raise InvalidState(f"container {cid} is {'already' if pause else 'not'} paused")
+        assert sandbox.vm is not None
+        await (sandbox.vm.pause() if pause else sandbox.vm.resume())
+        self.paused = pause
+
+    # ------------------------------------------------------------------ delete
+
+    async def delete(self, cid: str, exec_id: str) -> Proc:
+        async with self._lock:
+            ctr = self.container(cid)
+            if exec_id:
+                proc = self.process(cid, exec_id)
+                if proc.status is Status.RUNNING:
+                    raise InvalidState(f"exec {exec_id} of {cid} is running")
+                del ctr.execs[exec_id]
+                if proc.io is not None:
+                    proc.io.close_fds()
+                return proc
+            proc = ctr.init
+            if proc.status is Status.RUNNING:
+                raise InvalidState(f"container {cid} is running: kill it first")
+            await self._remove_from_guest(ctr)
+            if proc.status is Status.CREATED:  # never started: it is gone without an exit
+                proc.may_report.set()
+                self._exited(proc, 128 + 9)
+            await self._release(ctr)
+            del self.containers[cid]
+            self.publisher.publish(events_pb2.TaskDelete(
+                container_id=cid, id=cid, pid=proc.pid, exit_status=proc.exit_status,
+                exited_at=_timestamp(proc.exited_at or now())))
+            return proc
+
+    async def _remove_from_guest(self, ctr: Container) -> None:
+        if self.sandbox is None or self.sandbox.channel is None or self.sandbox.channel.failure:
+            return
+        try:
+            await self.sandbox.call(schema.Method.DELETE_CONTAINER, schema.ContainerRef(ctr.id),
+                                    timeout=10)
+        except HullError as exc:
+            log.warning("delete of %s in the guest: %s", ctr.id, exc)
+        for exec_id in ctr.execs:
+            self._forget_exit(self.sandbox, ctr.id, exec_id)
+        self._forget_exit(self.sandbox, ctr.id, "")
+
+    async def _release(self, ctr: Container) -> None:
+        for proc in (ctr.init, *ctr.execs.values()):
+            if proc.watcher is not None and not proc.watcher.done():
+                proc.watcher.cancel()
+            if proc.io is not None:
+                proc.io.close_fds()
+        await ctr.placeholder.stop()
+        mounts.remove_bind(ctr.share)
+        if ctr.mounted_rootfs:
+            mounts.unmount(ctr.rootfs)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Stop everything: the containers' host parts, the VM, the state directory."""
+        for ctr in list(self.containers.values()):
+            await self._release(ctr)
+        self.containers.clear()
+        if self._vm_watch is not None:
+            self._vm_watch.cancel()
+        if self.sandbox is not None:
+            sandbox, self.sandbox = self.sandbox, None
+            await sandbox.__aexit__(None, None, None)
+        if self.sandbox_id:
+            if self.shared.exists():
+                for child in self.shared.iterdir():
+                    mounts.remove_bind(child / "rootfs")
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.state_dir.parent.rmdir()
+
+    def qemu_pid(self) -> int | None:
+        if self.sandbox is None or self.sandbox.vm is None:
+            return None
+        return self.sandbox.vm.pid
+
+
+def _load_spec(bundle: Path) -> dict[str, Any]:
+    path = bundle / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from exc
+    oci_bundle.check_spec(spec, path)
+    assert isinstance(spec, dict)
+    return spec
+
+
+def _timestamp(when: datetime.datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when)
+    return ts

@@ -1,0 +1,221 @@
+"""The Task service's request translation and error codes, without a VM.
+
+A Pod with no sandbox answers every lookup; anything that needs the guest is refused
+before it gets there. Events go to a recording publisher.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from hull.config.settings import Config
+from hull.errors import ContainerExists, ContainerNotFound, InvalidState
+from hull.shim.proto import events_pb2, runtimeoptions_pb2, shim_pb2
+from hull.shim.ttrpc import Code, Context, TTRPCError
+from hull.shim.v2 import events, main, service, sizing
+from hull.shim.v2.pod import Container, Pod, Proc, Status
+from hull.shim.v2.stdio import StdioPaths
+
+
+class Recorder(events.Publisher):
+    def __init__(self) -> None:
+        super().__init__("unused", "ns")
+        self.sent: list[Message] = []
+
+    def publish(self, event: Message) -> None:
+        self.sent.append(event)
+
+
+class FakePlaceholder:
+    pid = 4242
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> Pod:
+    return Pod("ns", tmp_path, Recorder(), lambda path: Config())
+
+
+def add_container(pod: Pod, tmp_path: Path, cid: str, status: Status) -> Container:
+    init = Proc(cid, "", StdioPaths(), 4242, status=status)
+    ctr = Container(cid, tmp_path, {}, tmp_path / "rootfs", False, tmp_path / "share",
+                    FakePlaceholder(), init)  # type: ignore[arg-type]
+    pod.containers[cid] = ctr
+    return ctr
+
+
+async def call(pod: Pod, method: str, request: Message) -> bytes:
+    handlers = service.TaskService(pod, lambda: None).handlers()
+    return await handlers[method](request.SerializeToString(),
+                                  Context(service.SERVICE, method))
+
+
+async def code_of(pod: Pod, method: str, request: Message) -> Code:
+    with pytest.raises(TTRPCError) as err:
+        await call(pod, method, request)
+    return err.value.code
+
+
+async def test_unknown_ids_are_not_found(pod: Pod) -> None:
+    for method, request in (
+            ("State", shim_pb2.StateRequest(id="x")),
+            ("Start", shim_pb2.StartRequest(id="x")),
+            ("Delete", shim_pb2.DeleteRequest(id="x")),
+            ("Kill", shim_pb2.KillRequest(id="x", signal=9)),
+            ("Pids", shim_pb2.PidsRequest(id="x")),
+            ("Wait", shim_pb2.WaitRequest(id="x")),
+            ("Pause", shim_pb2.PauseRequest(id="x")),
+            ("CloseIO", shim_pb2.CloseIORequest(id="x", stdin=True)),
+            ("ResizePty", shim_pb2.ResizePtyRequest(id="x", width=80, height=24)),
+            ("Update", shim_pb2.UpdateTaskRequest(id="x")),
+            ("Stats", shim_pb2.StatsRequest(id="x"))):
+        assert await code_of(pod, method, request) == Code.NOT_FOUND, method
+
+
+async def test_exec_and_state_translation(pod: Pod, tmp_path: Path) -> None:
+    add_container(pod, tmp_path, "c", Status.RUNNING)
+    spec = any_pb2.Any(type_url=service.PROCESS_TYPE_URL,
+                       value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
+    await call(pod, "Exec", shim_pb2.ExecProcessRequest(id="c", exec_id="e", spec=spec,
+                                                        stdout="/x/out"))
+    assert await code_of(pod, "Exec", shim_pb2.ExecProcessRequest(
+        id="c", exec_id="e", spec=spec)) == Code.ALREADY_EXISTS
+    bad = any_pb2.Any(type_url=service.PROCESS_TYPE_URL, value=b'{"args": []}')
+    assert await code_of(pod, "Exec", shim_pb2.ExecProcessRequest(
+        id="c", exec_id="f", spec=bad)) == Code.INVALID_ARGUMENT
+    state = shim_pb2.StateResponse()
+    state.ParseFromString(await call(pod, "State", shim_pb2.StateRequest(id="c", exec_id="e")))
+    assert (state.status, state.pid, state.stdout, state.exec_id) == (1, 4242, "/x/out", "e")
+    assert [type(e).__name__ for e in pod.publisher.sent] == ["TaskExecAdded"]  # type: ignore[attr-defined]
+    # An exec that never started cannot be signalled: NotFound, as runc's shim.
+    assert await code_of(pod, "Kill", shim_pb2.KillRequest(
+        id="c", exec_id="e", signal=9)) == Code.NOT_FOUND
+
+
+async def test_exec_on_a_stopped_container_is_failed_precondition(pod: Pod, tmp_path: Path
+                                                                  ) -> None:
+    add_container(pod, tmp_path, "c", Status.STOPPED)
+    spec = any_pb2.Any(value=json.dumps({"args": ["true"]}).encode())
+    assert await code_of(pod, "Exec", shim_pb2.ExecProcessRequest(
+        id="c", exec_id="e", spec=spec)) == Code.FAILED_PRECONDITION
+    assert await code_of(pod, "Kill", shim_pb2.KillRequest(id="c", signal=9)) == Code.NOT_FOUND
+    assert await code_of(pod, "Start", shim_pb2.StartRequest(id="c")) == \
+        Code.FAILED_PRECONDITION
+
+
+async def test_delete_of_a_running_task_is_refused(pod: Pod, tmp_path: Path) -> None:
+    add_container(pod, tmp_path, "c", Status.RUNNING)
+    assert await code_of(pod, "Delete", shim_pb2.DeleteRequest(id="c")) == \
+        Code.FAILED_PRECONDITION
+
+
+async def test_wait_returns_the_exit(pod: Pod, tmp_path: Path) -> None:
+    ctr = add_container(pod, tmp_path, "c", Status.RUNNING)
+    ctr.init.may_report.set()
+    pod._exited(ctr.init, 7)
+    reply = shim_pb2.WaitResponse()
+    reply.ParseFromString(await call(pod, "Wait", shim_pb2.WaitRequest(id="c")))
+    assert reply.exit_status == 7 and reply.exited_at.seconds > 0
+    (exit_event,) = pod.publisher.sent  # type: ignore[attr-defined]
+    assert isinstance(exit_event, events_pb2.TaskExit)
+    assert (exit_event.container_id, exit_event.id, exit_event.pid) == ("c", "c", 4242)
+
+
+async def test_unsupported_calls(pod: Pod, tmp_path: Path) -> None:
+    add_container(pod, tmp_path, "c", Status.RUNNING)
+    assert await code_of(pod, "Checkpoint", shim_pb2.CheckpointTaskRequest(id="c")) == \
+        Code.UNIMPLEMENTED
+    assert await code_of(pod, "Update", shim_pb2.UpdateTaskRequest(id="c")) == \
+        Code.UNIMPLEMENTED
+    assert await code_of(pod, "Create", shim_pb2.CreateTaskRequest(
+        id="d", checkpoint="/cp")) == Code.UNIMPLEMENTED
+    assert await code_of(pod, "Create", shim_pb2.CreateTaskRequest(id="../x")) == \
+        Code.INVALID_ARGUMENT
+    assert await code_of(pod, "Create", shim_pb2.CreateTaskRequest(
+        id="c", bundle=str(tmp_path))) == Code.ALREADY_EXISTS
+    assert await code_of(pod, "Kill", shim_pb2.KillRequest(id="c", signal=0)) == \
+        Code.INVALID_ARGUMENT
+
+
+async def test_garbage_payload_is_invalid_argument(pod: Pod) -> None:
+    handlers = service.TaskService(pod, lambda: None).handlers()
+    with pytest.raises(TTRPCError) as err:
+        await handlers["State"](b"\xff\xff", Context(service.SERVICE, "State"))
+    assert err.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_shutdown_waits_for_the_last_task(pod: Pod, tmp_path: Path) -> None:
+    calls: list[int] = []
+    handlers = service.TaskService(pod, lambda: calls.append(1)).handlers()
+    add_container(pod, tmp_path, "c", Status.STOPPED)
+    ctx = Context(service.SERVICE, "Shutdown")
+    await handlers["Shutdown"](shim_pb2.ShutdownRequest(id="c").SerializeToString(), ctx)
+    await handlers["Shutdown"](b"", ctx)
+    assert calls == []
+    pod.containers.clear()
+    await handlers["Shutdown"](b"", ctx)
+    import asyncio
+
+    await asyncio.sleep(0)
+    assert calls == [1]
+
+
+def test_error_mapping() -> None:
+    assert service.grpc_error(ContainerNotFound("x")).code == Code.NOT_FOUND
+    assert service.grpc_error(ContainerExists("x")).code == Code.ALREADY_EXISTS
+    assert service.grpc_error(InvalidState("x")).code == Code.FAILED_PRECONDITION
+    assert service.grpc_error(NotImplementedError("x")).code == Code.UNIMPLEMENTED
+    assert service.grpc_error(OSError("x")).code == Code.UNKNOWN
+
+
+def test_config_path_from_runtime_options() -> None:
+    opts = runtimeoptions_pb2.Options(config_path="/etc/hull/x.toml")
+    packed = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=opts.SerializeToString())
+    assert service.config_path(packed) == "/etc/hull/x.toml"
+    assert service.config_path(any_pb2.Any()) == ""
+
+
+def test_event_envelope() -> None:
+    request = events.envelope("k8s.io", events_pb2.TaskExit(container_id="c", exit_status=3))
+    env = request.envelope
+    assert (env.namespace, env.topic, env.event.type_url) == (
+        "k8s.io", "/tasks/exit", "containerd.events.TaskExit")
+    decoded = events_pb2.TaskExit()
+    decoded.ParseFromString(env.event.value)
+    assert decoded.exit_status == 3
+    assert env.timestamp.ToDatetime(tzinfo=datetime.UTC).year >= 2024
+
+
+def test_sizing_from_pod_annotations() -> None:
+    config = Config()
+    sized = sizing.apply(config, {sizing.MEMORY: str(512 * 2**20), sizing.CPU_QUOTA: "50000",
+                                  sizing.CPU_PERIOD: "100000"})
+    assert sized.hypervisor.default_memory_mib == config.hypervisor.default_memory_mib + 512
+    assert sized.hypervisor.default_vcpus == config.hypervisor.default_vcpus + 1
+    assert sizing.apply(config, {sizing.MEMORY: "junk"}).hypervisor.default_memory_mib == \
+        config.hypervisor.default_memory_mib
+
+
+def test_start_flags_and_grouping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = main.parse_args(["-namespace", "k8s.io", "-address", "/run/c.sock",
+                            "-publish-binary", "/usr/bin/containerd", "-id", "abc", "-debug",
+                            "start"])
+    assert (args.namespace, args.id, args.debug, args.action) == ("k8s.io", "abc", True,
+                                                                  "start")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"annotations": {main.SANDBOX_ID: "pod1"}}))
+    assert main.group_of(tmp_path, "abc") == "pod1"
+    assert main.group_of(tmp_path / "missing", "abc") == "abc"
+    monkeypatch.setenv(main.STATE_ROOT_ENV, "/run/hull-shim")
+    one = main.socket_path("/run/c.sock", "k8s.io", "pod1")
+    assert one == main.socket_path("/run/c.sock", "k8s.io", "pod1")
+    assert one != main.socket_path("/run/c.sock", "default", "pod1")
+    assert len(str(one)) < 108
