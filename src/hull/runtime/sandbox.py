@@ -163,6 +163,10 @@ class Sandbox:
             self._exits[key] = asyncio.get_running_loop().create_future()
         return self._exits[key]
 
+    def forget_exit(self, container_id: str, exec_id: str = "") -> None:
+        """Drop a finished process's exit record, so its exec id can be used again."""
+        self._exits.pop((container_id, exec_id), None)
+
     def _event(self, message: dict[str, Any]) -> None:
         if message.get("event") != schema.Event.PROCESS_EXIT:
             raise schema.SchemaError(f"unknown event {message.get('event')!r}")

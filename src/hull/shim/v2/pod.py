@@ -312,13 +312,8 @@ class Pod:
     @staticmethod
     def _exit_future(sandbox: Sandbox, cid: str, exec_id: str
                      ) -> asyncio.Future[schema.ProcessExit]:
-        Pod._forget_exit(sandbox, cid, exec_id)  # an exec id may be reused after delete
+        sandbox.forget_exit(cid, exec_id)  # an exec id may be reused after delete
         return sandbox.exit_future(cid, exec_id)
-
-    @staticmethod
-    def _forget_exit(sandbox: Sandbox, cid: str, exec_id: str) -> None:
-        # Sandbox has no public way to drop a waiter yet (asked of the runtime's owner).
-        sandbox._exits.pop((cid, exec_id), None)
 
     async def wait(self, cid: str, exec_id: str) -> Proc:
         proc = self.process(cid, exec_id)
