@@ -221,7 +221,7 @@ class Pod:
             await sandbox.call(schema.Method.CREATE_CONTAINER, request)
         except BaseException:
             proc.io.close_fds()
-            self._forget_exit(sandbox, cid, "")
+            sandbox.forget_exit(cid, "")
             raise
         proc.io.start_input()
         proc.watcher = asyncio.create_task(self._watch(proc, fut))
@@ -254,7 +254,7 @@ class Pod:
                 cid, exec_id, proc.spec, proc.io.streams))
         except BaseException:
             proc.io.close_fds()
-            self._forget_exit(sandbox, cid, exec_id)
+            sandbox.forget_exit(cid, exec_id)
             raise
         proc.status = Status.RUNNING
         proc.io.start_input()
@@ -408,8 +408,8 @@ class Pod:
         except HullError as exc:
             log.warning("delete of %s in the guest: %s", ctr.id, exc)
         for exec_id in ctr.execs:
-            self._forget_exit(self.sandbox, ctr.id, exec_id)
-        self._forget_exit(self.sandbox, ctr.id, "")
+            self.sandbox.forget_exit(ctr.id, exec_id)
+        self.sandbox.forget_exit(ctr.id, "")
 
     async def _release(self, ctr: Container) -> None:
         for proc in (ctr.init, *ctr.execs.values()):
