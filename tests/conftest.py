@@ -46,8 +46,10 @@ def hull_mounts(mark: str = "") -> set[str]:
                 and mark in line}
 
 
-def net_devices() -> set[str]:
-    return set(os.listdir("/sys/class/net"))
+def net_devices(mark: str = "") -> set[str]:
+    """Network devices; with a run mark only Hull's own (taps), as others' runs add theirs."""
+    names = set(os.listdir("/sys/class/net"))
+    return {n for n in names if n.startswith(("tap", "hull"))} if mark else names
 
 
 def state_files() -> set[str]:
@@ -72,7 +74,7 @@ class Snapshot:
 
     @classmethod
     def take(cls, mark: str = "") -> Snapshot:
-        return cls(hull_processes(mark), hull_mounts(mark), net_devices(), state_files())
+        return cls(hull_processes(mark), hull_mounts(mark), net_devices(mark), state_files())
 
     def leaks_since(self, before: Snapshot) -> list[str]:
         found = []
