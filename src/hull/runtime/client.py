@@ -22,8 +22,13 @@ async def _call(cdir: ContainerDir, method: schema.Method, payload: dict[str, An
         await channel.close()
 
 
+#: How long a CLI command waits for the agent: a hung guest must become a clear error
+#: quickly (clients such as podman treat a hanging runtime as a hung container).
+TIMEOUT = 5.0
+
+
 def call(cdir: ContainerDir, method: schema.Method, payload: Any = None,
-         timeout: float = 30.0) -> dict[str, Any]:
+         timeout: float = TIMEOUT) -> dict[str, Any]:
     body = payload if isinstance(payload, dict) or payload is None else schema.params(payload)
     try:
         return asyncio.run(_call(cdir, method, body or {}, timeout))

@@ -1,0 +1,91 @@
+"""Hostile guest: the host-side decoders fed 100,000 garbage, truncated, oversized and
+mutated frames. Only the protocol's own errors may come out, and memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+from hull.agentapi import framing, schema
+from hull.agentapi.framing import Frame, Kind
+from hull.proxy.channel import AgentChannel, InboundStream
+
+FRAMES = 100_000
+EXPECTED = (framing.FrameError, schema.SchemaError)
+
+SEEDS = [
+    Frame(Kind.RESPONSE, 0, schema.encode({"id": 1, "result": {"pid": 5}})),
+    Frame(Kind.RESPONSE, 0, schema.encode({"id": 2, "error": {"kind": "state", "message": "x"}})),
+    Frame(Kind.EVENT, 0, schema.encode({"event": "process_exit", "container_id": "c",
+                                        "exec_id": "", "status": 0})),
+    Frame(Kind.DATA, 1, b"hello"),
+    Frame(Kind.CLOSE, 1),
+    framing.credit_frame(2, 100),
+]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.3 and buf:
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        elif choice < 0.5:
+            buf = buf[: rng.randrange(len(buf) + 1)]  # truncated
+        elif choice < 0.7:
+            buf += rng.randbytes(rng.randint(1, 64))
+        elif choice < 0.85 and len(buf) >= framing.HEADER_SIZE:
+            # a lying length: up to far beyond the limit
+            buf[8:12] = rng.choice([0, 1, framing.MAX_PAYLOAD, framing.MAX_PAYLOAD + 1,
+                                    2**32 - 1, rng.randrange(2**32)]).to_bytes(4, "big")
+        else:
+            buf = bytearray(rng.randbytes(rng.randint(0, 32)))
+    return bytes(buf)
+
+
+async def _fuzz_channel(rng: random.Random, count: int) -> int:
+    errors = 0
+    host, guest = socket.socketpair()
+    try:
+        channel = AgentChannel(host, "fuzz", on_event=lambda e: schema.ProcessExit.from_json(e))
+        await channel.open()
+        channel.open_inbound(_discard)  # stream 1 open, as for a real process
+        for _ in range(count):
+            decoder = framing.Decoder()
+            wire = mutate(rng, rng.choice(SEEDS).encode())
+            try:
+                for frame in decoder.feed(wire):
+                    channel._dispatch(frame)
+            except EXPECTED:
+                errors += 1
+            assert decoder.buffered <= framing.HEADER_SIZE + framing.MAX_PAYLOAD
+            # Reset stream 1 to open with an empty window for the next frame.
+            channel._recv = framing.ReceiveWindow()
+            channel._recv.open(1)
+            if 1 not in channel._inbound:
+                channel._inbound[1] = InboundStream(channel, 1, _discard)
+        await channel.close()
+    finally:
+        host.close()
+        guest.close()
+    return errors
+
+
+async def _discard(data: bytes) -> None:
+    return None
+
+
+def test_hundred_thousand_hostile_frames() -> None:
+    rng = random.Random(20261126)
+    errors = asyncio.run(_fuzz_channel(rng, FRAMES))
+    assert errors > FRAMES // 4  # most mutations must have been caught as errors
+
+
+def test_a_flood_of_partial_frames_stays_bounded() -> None:
+    decoder = framing.Decoder()
+    header = framing.HEADER.pack(Kind.DATA, 0, 0, 1, framing.MAX_PAYLOAD)
+    decoder.feed(header)
+    for _ in range(100):
+        decoder.feed(b"x" * 8192)
+    assert decoder.buffered <= framing.HEADER_SIZE + framing.MAX_PAYLOAD
