@@ -117,3 +117,17 @@ def test_killed_qemu_under_hull_run_is_an_error(bundle: BundleFactory, state_roo
     assert proc.returncode == 1
     assert b"vm of container r1 died" in err
     assert not (state_root / "r1").exists()
+
+
+def test_a_hung_guest_is_an_error_within_five_seconds(cli: Cli, bundle: BundleFactory) -> None:
+    with cleanup(cli, "f4"):
+        pids = running(cli, bundle, "f4")
+        assert cli("pause", "f4").returncode == 0  # vCPUs stopped: the agent cannot answer
+        start = time.monotonic()
+        done = cli("kill", "f4", "KILL")
+        assert done.returncode == 1 and b"did not answer" in done.stderr
+        assert time.monotonic() - start < 8  # 5 s wait + process start-up
+        assert cli.state("f4")["status"] == "paused"
+        assert cli("delete", "--force", "f4").returncode == 0
+        assert gone(pids["qemu"]) and gone(pids["proxy"])
+        assert reap(pids["shim"]) is not None
