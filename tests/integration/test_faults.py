@@ -131,3 +131,36 @@ def test_a_hung_guest_is_an_error_within_five_seconds(cli: Cli, bundle: BundleFa
         assert cli("delete", "--force", "f4").returncode == 0
         assert gone(pids["qemu"]) and gone(pids["proxy"])
         assert reap(pids["shim"]) is not None
+
+
+@pytest.mark.parametrize("point", ["create:saved", "create:proxy-started",
+                                   "create:shim-started", "create:created"])
+def test_hull_killed_during_create_leaves_cleanable_state(cli: Cli, bundle: BundleFactory,
+                                                          point: str) -> None:
+    b = bundle(LOOP)
+    with open(cli.work / "out", "wb") as out:
+        done = subprocess.run([*HULL, "--root", str(cli.root), "create", "--bundle", str(b),
+                               "k1"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                              env={**os.environ, "HULL_CRASH_AT": point}, timeout=60,
+                              check=False)
+    assert done.returncode == -signal.SIGKILL
+    state = cli("state", "k1")  # readable, or cleanly "does not exist"
+    assert state.returncode == 0 or b"does not exist" in state.stderr, state.stderr
+    assert cli("delete", "--force", "k1").returncode == 0
+    assert not (cli.root / "k1").exists()
+    time.sleep(1.5)  # an orphaned proxy notices its state is gone within a second
+    reap_all()
+
+
+@pytest.mark.parametrize("point", ["delete:locked", "delete:torn-down"])
+def test_hull_killed_during_delete_leaves_cleanable_state(cli: Cli, bundle: BundleFactory,
+                                                          point: str) -> None:
+    with cleanup(cli, "k2"):
+        running(cli, bundle, "k2")
+        done = subprocess.run([*HULL, "--root", str(cli.root), "delete", "--force", "k2"],
+                              env={**os.environ, "HULL_CRASH_AT": point}, capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == -signal.SIGKILL
+        assert cli("state", "k2").returncode == 0
+        assert cli("delete", "--force", "k2").returncode == 0
+        assert not (cli.root / "k2").exists()

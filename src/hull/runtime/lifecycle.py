@@ -60,17 +60,22 @@ class Runtime:
                     id=container_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                     created=now(), annotations=bundle.annotations, owner=owner())
                 cdir.save(state)
+                crash_point("create:saved")
                 state.proxy_pid = self.spawn(cdir, ["proxy", "--bundle", str(bundle.path),
                                                     container_id], daemon=True)
+                crash_point("create:proxy-started")
                 state.proxy_start = start_time(state.proxy_pid) or 0
                 cdir.save(state)
                 shim = ["shim", "--bundle", str(bundle.path), container_id]
                 if console_socket:
                     shim[1:1] = ["--console-socket", console_socket]
-                state.pid = self.spawn(cdir, shim, daemon=False)
+                state.pid = self.spawn(cdir, shim, daemon=False,
+                                       inherit_stdio=not console_socket)
+                crash_point("create:shim-started")
                 state.pid_start = start_time(state.pid) or 0
                 state.status = Status.CREATED
                 cdir.save(state)
+                crash_point("create:created")
                 for kind in ("prestart", "createRuntime", "createContainer"):
                     hooks.run(bundle.spec, kind, oci_state(state))
                 if pid_file:
@@ -82,8 +87,15 @@ class Runtime:
                 self.teardown(cdir, None)
                 cdir.remove()
 
-    def spawn(self, cdir: ContainerDir, verb: list[str], daemon: bool) -> int:
-        """Start a helper and wait until it reports "ok" (or its error) on a pipe."""
+    def spawn(self, cdir: ContainerDir, verb: list[str], daemon: bool,
+              inherit_stdio: bool | None = None) -> int:
+        """Start a helper and wait until it reports "ok" (or its error) on a pipe.
+
+        A shim inherits the caller's stdio (the container's), unless it relays a console:
+        then it must not hold the caller's pipes open, or a caller that reads our output
+        to EOF (go-runc does, for a create or exec with a console socket) never returns.
+        """
+        inherit = not daemon if inherit_stdio is None else inherit_stdio
         read, write = os.pipe2(os.O_CLOEXEC)
         argv = [*self.helper, verb[0], "--ready-fd", str(write), *verb[1:]]
         log_file = cdir.path / f"{verb[0]}.log"
@@ -91,9 +103,9 @@ class Runtime:
             try:
                 proc = subprocess.Popen(
                     argv, pass_fds=(write,), start_new_session=daemon,
-                    stdin=subprocess.DEVNULL if daemon else None,
-                    stdout=subprocess.DEVNULL if daemon else None,
-                    stderr=err if daemon else None)
+                    stdin=None if inherit else subprocess.DEVNULL,
+                    stdout=None if inherit else subprocess.DEVNULL,
+                    stderr=None if inherit else err)
             except OSError as exc:
                 raise HullError(f"cannot start {argv[0]}: {exc.strerror}") from exc
             finally:
@@ -195,7 +207,9 @@ class Runtime:
             if state is not None and not state.can_delete() and not force:
                 raise InvalidState(f"cannot delete container {container_id} that is not "
                                    f"stopped: {state.status}")
+            crash_point("delete:locked")
             self.teardown(cdir, state)
+            crash_point("delete:torn-down")
         if state is not None:
             with contextlib.suppress(HullError):
                 hooks.run(load_spec(state), "poststop", oci_state(state))
@@ -226,6 +240,17 @@ class Runtime:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+#: Test hook: `HULL_CRASH_AT=<point>` makes `hull` SIGKILL itself there, so tests can
+#: prove that a command killed at any step leaves state a later command can clean.
+CRASH_POINTS = ("create:saved", "create:proxy-started", "create:shim-started",
+                "create:created", "delete:locked", "delete:torn-down")
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("HULL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_terminal(terminal: bool, console_socket: str | None) -> None:

@@ -94,7 +94,8 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         sock_path.unlink(missing_ok=True)
         server = await asyncio.start_unix_server(client, short_path(sock_path))
         os.chmod(sock_path, 0o600)
-        _report(ready_fd, "ok")
+        if not report(ready_fd, "ok"):
+            return 1  # `hull create` died waiting for us: nobody will ever use this VM
         ready_fd = -1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -102,14 +103,15 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         vm_dead = asyncio.ensure_future(sandbox.vm.wait()) if sandbox.vm else None
         stopping = asyncio.ensure_future(stop.wait())
         failed = asyncio.ensure_future(router.closed.wait())
-        waiting = [f for f in (vm_dead, stopping, failed) if f is not None]
+        orphaned = asyncio.ensure_future(_watch_dir(cdir))
+        waiting = [f for f in (vm_dead, stopping, failed, orphaned) if f is not None]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         for f in waiting:
             f.cancel()
         return 0
     except HullError as exc:
         if ready_fd >= 0:
-            _report(ready_fd, str(exc))
+            report(ready_fd, str(exc))
         log.error("%s", exc)
         return 1
     finally:
@@ -124,10 +126,23 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         (cdir.path / SOCKET_NAME).unlink(missing_ok=True)
 
 
-def _report(fd: int, message: str) -> None:
-    with contextlib.suppress(OSError):
+def report(fd: int, message: str) -> bool:
+    """Tell the waiting `hull` command how we did; False if it is gone (EPIPE)."""
+    try:
         os.write(fd, message.encode()[:4000] + b"\n")
-        os.close(fd)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return True
+
+
+async def _watch_dir(cdir: ContainerDir, every: float = 1.0) -> None:
+    """Return once the container's state is gone: a `delete --force` after the command
+    that created us died before it could record our pid. Nothing else would stop us."""
+    while (cdir.path / "state.json").exists():
+        await asyncio.sleep(every)
 
 
 def connect(cdir: ContainerDir) -> socket.socket:

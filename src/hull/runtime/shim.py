@@ -24,7 +24,7 @@ from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel
 from hull.runtime import console
-from hull.runtime.proxyd import connect
+from hull.runtime.proxyd import connect, report
 from hull.runtime.state import ContainerDir
 from hull.runtime.stdio import HostStdio, ProcessIO
 
@@ -86,11 +86,12 @@ async def serve(req: ShimRequest, ready: int | None) -> int:
         await channel.request(method, body, timeout=120)
     except HullError as exc:
         if ready is not None:
-            _report(ready, str(exc))
+            report(ready, str(exc))
         await channel.close()
         return 1
-    if ready is not None:
-        _report(ready, "ok")
+    if ready is not None and not report(ready, "ok"):
+        await channel.close()  # `hull create` died waiting: the proxy kills the process
+        return LOST
     io.start_input()
     try:
         return await _relay(req, channel, io, exited)
@@ -128,6 +129,9 @@ async def _relay(req: ShimRequest, channel: AgentChannel, io: ProcessIO,
             loop.add_signal_handler(sig, forward, int(sig))
     if io.host.terminal:
         loop.add_signal_handler(signal.SIGWINCH, resize)
+        # A caller may size the console between create and now (containerd's shim does,
+        # right after create): that SIGWINCH came before the handler, so look once.
+        resize()
     lost = asyncio.ensure_future(channel.closed.wait())
     waiting: list[asyncio.Future[Any]] = [exited, lost]
     try:
@@ -153,12 +157,6 @@ def _set_console_size(payload: dict[str, Any], exec_id: str, size: tuple[int, in
 async def _quiet(coro: Any) -> None:
     with contextlib.suppress(HullError, OSError):
         await coro
-
-
-def _report(fd: int, message: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, message.encode()[:4000] + b"\n")
-        os.close(fd)
 
 
 def cdir_for(root: Path, container_id: str) -> ContainerDir:
