@@ -108,7 +108,8 @@ def spec(args: list[str], *, hostname: str = "box", readonly: bool = False,
 class Agent:
     """The agent in a subprocess and a blocking client on the other end of its channel."""
 
-    def __init__(self, tmp: Path, share_dir: Path, *, no_pivot: bool = False) -> None:
+    def __init__(self, tmp: Path, share_dir: Path, *, no_pivot: bool = False,
+                 cgroup_root: Path | None = None) -> None:
         self.sock, guest = socket.socketpair()
         self.log_path = tmp / "agent.log"
         run_dir = tmp / "run"
@@ -118,6 +119,8 @@ class Agent:
                 "--share-dir", str(share_dir), "--run-dir", str(run_dir)]
         if no_pivot:
             argv.append("--no-pivot")
+        if cgroup_root is not None:
+            argv += ["--cgroup-root", str(cgroup_root)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, pass_fds=(guest.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)

@@ -135,3 +135,21 @@ def test_sigkill_of_hull_leaves_no_vm(bundle: BundleFactory, state_root: Path,
     import shutil
 
     shutil.rmtree(state_root / "k", ignore_errors=True)
+
+
+def test_hooks_run_in_the_foreground_too(hull: Runner, bundle: BundleFactory,
+                                         tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\nread state; echo \"$1 $state\" >> {log}\n")
+    hook.chmod(0o755)
+
+    def hooks(spec: dict[str, object]) -> None:
+        spec["hooks"] = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
+                         for kind in ("prestart", "createRuntime", "poststart", "poststop")}
+
+    done = hull("run", "-b", str(bundle(["true"], mutate=hooks)), "hooked")
+    assert done.returncode == 0, done.stderr
+    kinds = [line.split()[0] for line in log.read_text().splitlines()]
+    assert kinds == ["prestart", "createRuntime", "poststart", "poststop"]
+    assert '"id": "hooked"' in log.read_text()

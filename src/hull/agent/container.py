@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from hull.agent.process import Process
 from hull.agent.spawn import StatusPipe
 from hull.agent.spec import ContainerSpec
+
+if TYPE_CHECKING:
+    from hull.agent.cgroup import Cgroup
 
 
 class State(enum.Enum):
@@ -40,6 +44,8 @@ class Container:
         self.delete_rid: int | None = None
         #: the init was killed by delete_container before it ever started: no exit event
         self.deleting_created = False
+        #: the container's cgroup in the guest (None: the agent manages no cgroups)
+        self.cgroup: Cgroup | None = None
 
     def all_processes(self) -> Iterator[Process]:
         yield self.init

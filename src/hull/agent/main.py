@@ -7,12 +7,14 @@ Test mode runs the agent on an ordinary host, e.g. under ``unshare --pid --fork
 --mount-proc``, serving one already-open fd (a socketpair end)::
 
     python3 -m hull.agent.main --test --fd N --run-dir DIR --share-dir DIR [--no-pivot]
+        [--cgroup-root DIR]
 
 ``--fd N`` (or ``HULL_AGENT_FD=N``) serves that fd; its EOF ends the agent.
 ``--test`` skips the init duties even as PID 1, leaves the clock and RNG alone, makes
 the agent a child subreaper and gives it a private mount namespace, and requires
 ``--share-dir``: a create_container rootfs tag then names the directory
-``<share-dir>/<tag>``, bind-mounted instead of a virtio-9p share.
+``<share-dir>/<tag>``, bind-mounted instead of a virtio-9p share. Container cgroups go
+under ``--cgroup-root`` (a plain directory will do for tests), none without it.
 Unknown arguments are ignored (the kernel passes its leftover words to init).
 """
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from hull.agent.server import Options, Server
 
     options = Options(init=is_init, run_dir=_value(args, "--run-dir") or "/run/hull",
-                      share_dir=share_dir, no_pivot=test and "--no-pivot" in args)
+                      share_dir=share_dir, no_pivot=test and "--no-pivot" in args,
+                      cgroup_root=_value(args, "--cgroup-root") if test else "/sys/fs/cgroup")
     try:
         server = Server(options, None if fd_text is None else int(fd_text))
         status = server.run()

@@ -82,7 +82,7 @@ def secure_join(root: str, unsafe: str) -> str:
 
 def prepare(rootfs: str, cspec: ContainerSpec, warn: Warn, *, no_pivot: bool = False) -> None:
     """Mounts and /dev under rootfs, then make it the root of this mount namespace."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount(None, "/", None, cspec.rootfs_propagation or sc.MS_REC | sc.MS_PRIVATE)
     sc.mount(rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC)
     own_dev = False
     for m in cspec.mounts:
@@ -107,10 +107,20 @@ def mount_entry(rootfs: str, m: Mount, warn: Warn) -> None:
 def _mount_entry(rootfs: str, m: Mount, warn: Warn) -> None:
     dest = secure_join(rootfs, m.destination)
     if m.is_bind:
-        _bind_entry(dest, m, warn)
+        if not _bind_entry(dest, m, warn):
+            return  # skipped: no propagation change on a mount point that is not there
     elif m.type in _SIMPLE_TYPES:
         os.makedirs(dest, 0o755, exist_ok=True)
-        sc.mount(m.source or m.type, dest, m.type, m.flags, m.data or None)
+        try:
+            sc.mount(m.source or m.type, dest, m.type, m.flags, m.data or None)
+        except PermissionError:
+            if m.type != "sysfs":
+                raise
+            # runc: in a user namespace without its own network namespace sysfs cannot
+            # be mounted; bind the guest's instead.
+            sc.mount("/sys", dest, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(None, dest, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY
+                     | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     elif m.type in ("cgroup", "cgroup2"):
         # The guest has the unified hierarchy only; runc too mounts cgroup2 for "cgroup"
         # on such hosts. A cgroup view is not worth failing the container over.
@@ -127,14 +137,14 @@ def _mount_entry(rootfs: str, m: Mount, warn: Warn) -> None:
         sc.mount(None, dest, None, m.propagation)
 
 
-def _bind_entry(dest: str, m: Mount, warn: Warn) -> None:
+def _bind_entry(dest: str, m: Mount, warn: Warn) -> bool:
     # Bind mounts of host paths arrive with a later issue (they need their own 9p shares);
     # a source that happens to exist in the guest is bound as asked.
     try:
         src_stat = os.stat(m.source)
     except OSError:
         warn(f"mount {m.destination}: bind source {m.source} is not in the guest, skipped")
-        return
+        return False
     if stat.S_ISDIR(src_stat.st_mode):
         os.makedirs(dest, 0o755, exist_ok=True)
     else:
@@ -145,6 +155,7 @@ def _bind_entry(dest: str, m: Mount, warn: Warn) -> None:
     extra = m.flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
     if extra:
         sc.mount(None, dest, None, sc.MS_BIND | sc.MS_REMOUNT | extra | _kept_flags(dest))
+    return True
 
 
 def create_devices(rootfs: str, devices: tuple[Device, ...]) -> None:
@@ -170,6 +181,14 @@ def _make_device(path: str, dev: Device) -> None:
     try:
         os.mknod(path, kind | dev.mode, os.makedev(dev.major, dev.minor))
     except FileExistsError:
+        return
+    except PermissionError:
+        # runc in a user namespace: bind the guest's node (mknod needs init-ns CAP_MKNOD)
+        if not os.path.exists(dev.path):
+            raise
+        if not os.path.lexists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        sc.mount(dev.path, path, None, sc.MS_BIND)
         return
     os.chown(path, dev.uid, dev.gid)
 

@@ -9,33 +9,37 @@ with an :class:`ErrorKind` and one lower-case line naming the container.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hull
-from hull.agent import init, spawn
+from hull.agent import ctrsetup, init, spawn
 from hull.agent import syscalls as sc
 from hull.agent.channel import Channel
 from hull.agent.container import Container, State
 from hull.agent.log import log
 from hull.agent.loop import Loop
+from hull.agent.pipes import Pipes, release, set_winsize, unmount
 from hull.agent.process import Process, Relay, exit_status
+from hull.agent.shares import Shares
 from hull.agent.spec import SpecError, parse_container, parse_process
+
+if TYPE_CHECKING:
+    from hull.agent.cgroup import Cgroup
 from hull.agentapi import framing, schema
 from hull.agentapi.schema import ErrorKind, Method
 
 INIT_GRACE = 1.0  # its pid namespace dies with it: its pipes close on their own
 EXEC_GRACE = 0.2  # a daemonized grandchild may keep an exec's pipes open
-_9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose"
 
 
 class Options:
-    __slots__ = ("init", "no_pivot", "run_dir", "share_dir")
+    __slots__ = ("cgroup_root", "init", "no_pivot", "run_dir", "share_dir")
 
     def __init__(self, *, init: bool = False, run_dir: str = "/run/hull",
-                 share_dir: str | None = None, no_pivot: bool = False) -> None:
+                 share_dir: str | None = None, no_pivot: bool = False,
+                 cgroup_root: str | None = None) -> None:
         #: Runs as the guest's PID 1 (power off on shutdown, set the clock, feed the RNG).
         self.init = init
         #: Where container rootfs mounts go: <run_dir>/containers/<id>/rootfs.
@@ -45,6 +49,8 @@ class Options:
         self.share_dir = share_dir
         #: TEST ONLY: use the MS_MOVE + chroot fallback even where pivot_root works.
         self.no_pivot = no_pivot
+        #: cgroup v2 root for container cgroups (/sys/fs/cgroup in the guest); None: none
+        self.cgroup_root = cgroup_root
 
 
 class RequestError(Exception):
@@ -62,8 +68,9 @@ class Server:
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Process] = {}
         self.helpers: set[int] = set()
-        #: mount points of shares mounted once and shared by containers (RootfsShare.path)
-        self.share_mounts: set[str] = set()
+        #: cgroups of removed containers whose last processes were not reaped yet
+        self.stale_cgroups: list[Cgroup] = []
+        self.shares = Shares(options.run_dir, options.share_dir)
         self.hello_done = False
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.own_pidns = os.readlink("/proc/self/ns/pid")
@@ -75,6 +82,8 @@ class Server:
             Method.SIGNAL_PROCESS: self._signal,
             Method.RESIZE_PTY: self._resize,
             Method.DELETE_CONTAINER: self._delete,
+            Method.STATS_CONTAINER: self._stats,
+            Method.UPDATE_CONTAINER: self._update,
             Method.SHUTDOWN: self._shutdown,
         }
 
@@ -200,79 +209,56 @@ class Server:
             raise RequestError(ErrorKind.INVALID, f"container {cid}: {exc}") from None
         terminal = cspec.process.terminal
         self._check_streams(f"container {cid}", req.stdio, terminal)
+        try:
+            join = ctrsetup.join_fds(self.containers, cspec, log)
+            cgroup = ctrsetup.make_cgroup(self.options.cgroup_root, cid, cspec, log)
+        except ctrsetup.SetupRefused as exc:
+            raise RequestError(ErrorKind.INVALID, f"container {cid}: {exc}") from None
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"container {cid}: {exc.strerror}") from None
         root = os.path.join(self.options.run_dir, "containers", cid, "rootfs")
-        self._mount_rootfs(cid, req.rootfs, root)
+        setup = spawn.Setup(cgroup.procs if cgroup else None, join, cspec.seccomp)
         try:
-            pipes = _Pipes(req.stdio, terminal)
-        except OSError as exc:
-            _unmount(root)
-            raise RequestError(ErrorKind.FAILED, f"container {cid}: pipe: {exc.strerror}"
-                               ) from None
-        try:
-            spawned = spawn.spawn_init(cid, root, cspec, pipes.child, self.devnull,
-                                       no_pivot=self.options.no_pivot)
-        except OSError as exc:
-            pipes.close_agent_ends()
-            _unmount(root)
-            raise RequestError(ErrorKind.FAILED, f"container {cid}: fork: {exc.strerror}"
-                               ) from None
+            self._mount_rootfs(cid, req.rootfs, root)
+            try:
+                pipes = Pipes(req.stdio, terminal)
+            except OSError as exc:
+                unmount(root)
+                raise RequestError(ErrorKind.FAILED, f"container {cid}: pipe: {exc.strerror}"
+                                   ) from None
+            try:
+                spawned = spawn.spawn_init(cid, root, cspec, pipes.child, self.devnull,
+                                           no_pivot=self.options.no_pivot, setup=setup)
+            except OSError as exc:
+                pipes.close_agent_ends()
+                unmount(root)
+                raise RequestError(ErrorKind.FAILED, f"container {cid}: fork: {exc.strerror}"
+                                   ) from None
+            finally:
+                pipes.close_child_ends()
+        except RequestError:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         finally:
-            pipes.close_child_ends()
+            for fd in join.values():
+                os.close(fd)
         proc = Process(cid, "", req.stdio, terminal, self.relay, INIT_GRACE, self._finished)
         pipes.attach(proc)
         proc.pending_rid = rid
         proc.pending_winsize = cspec.process.console_size
         ctr = Container(cid, root, cspec, proc, start_fd=spawned.start_fd)
+        ctr.cgroup = cgroup
         self.containers[cid] = ctr
         self.helpers.add(spawned.helper_pid)
         self._watch_status(ctr, proc, spawned.status_fd)
 
     def _mount_rootfs(self, cid: str, share: schema.RootfsShare, root: str) -> None:
-        os.makedirs(root, 0o755, exist_ok=True)
         try:
-            if share.path:
-                self._bind_from_share(share, root)
-            elif self.options.share_dir is not None:
-                if not share.tag or "/" in share.tag or share.tag in (".", ".."):
-                    raise OSError(errno.EINVAL, f"share tag {share.tag!r} is not valid")
-                sc.mount(os.path.join(self.options.share_dir, share.tag), root, None,
-                         sc.MS_BIND | sc.MS_REC)
-                if share.readonly:
-                    sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
-            else:
-                sc.mount(share.tag, root, "9p", sc.MS_RDONLY if share.readonly else 0,
-                         _9P_OPTIONS)
+            self.shares.mount_rootfs(share, root)
         except OSError as exc:
-            _unmount(root)
             raise RequestError(ErrorKind.FAILED, f"container {cid}: mount rootfs share "
                                f"{share.tag}: {exc.strerror}") from None
-
-    def _bind_from_share(self, share: schema.RootfsShare, root: str) -> None:
-        """Bind <share>/<path> as the rootfs: a pod's containers share one 9p device."""
-        point = self._share_mount(share.tag)
-        source = os.path.realpath(os.path.join(point, share.path))
-        # The schema refuses "..": this also refuses a symlink leading out of the share.
-        if not source.startswith(point + "/"):
-            raise OSError(errno.EINVAL, f"rootfs path {share.path!r} leaves the share")
-        sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
-        if share.readonly:
-            sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
-
-    def _share_mount(self, tag: str) -> str:
-        """Where share ``tag`` is mounted, mounting it on first use (once per tag)."""
-        if not tag or "/" in tag or tag in (".", ".."):
-            raise OSError(errno.EINVAL, f"share tag {tag!r} is not valid")
-        point = os.path.join(self.options.run_dir, "shares", tag)
-        if point in self.share_mounts:
-            return point
-        os.makedirs(point, 0o755, exist_ok=True)
-        if self.options.share_dir is not None:
-            sc.mount(os.path.join(self.options.share_dir, tag), point, None,
-                     sc.MS_BIND | sc.MS_REC)
-        else:
-            sc.mount(tag, point, "9p", 0, _9P_OPTIONS)
-        self.share_mounts.add(point)
-        return point
 
     def _start(self, rid: int, params: dict[str, Any]) -> None:
         ctr = self._container(schema.ContainerRef.from_json(params).container_id)
@@ -327,7 +313,7 @@ class Server:
         elif kind == "T":
             if proc.pid is not None:
                 self._take_terminal(proc, int(text))
-            _release(proc)
+            release(proc)
         elif kind == "R" and is_init:
             ctr.state = State.CREATED
             self._answer(ctr, proc, None)
@@ -335,7 +321,7 @@ class Server:
             self._answer(ctr, proc, f"{proc.label()}: {text}")
         elif kind == "EOF":
             # EOF: every writer is gone; after a successful execve (close-on-exec) or exit.
-            _release(proc)
+            release(proc)
             if proc.pending_rid is not None:
                 if proc.pid is not None and (not is_init or ctr.state == State.STARTING):
                     if is_init:
@@ -355,7 +341,7 @@ class Server:
             return
         proc.attach_terminal(master)
         if proc.pending_winsize is not None:
-            _set_winsize(master, *proc.pending_winsize)
+            set_winsize(master, *proc.pending_winsize)
             proc.pending_winsize = None
 
     def _answer(self, ctr: Container, proc: Process, error: str | None) -> None:
@@ -384,7 +370,7 @@ class Server:
         The child still exits and gets reaped, as an unknown pid.
         """
         proc.failed = True
-        _release(proc)
+        release(proc)
         if proc.pid is not None and self.by_pid.get(proc.pid) is proc:
             del self.by_pid[proc.pid]
         if proc is ctr.init:
@@ -420,11 +406,13 @@ class Server:
             raise RequestError(ErrorKind.INVALID, f"{label}: {exc}") from None
         self._check_streams(label, req.stdio, pspec.terminal)
         try:
-            pipes = _Pipes(req.stdio, pspec.terminal)
+            pipes = Pipes(req.stdio, pspec.terminal)
         except OSError as exc:
             raise RequestError(ErrorKind.FAILED, f"{label}: pipe: {exc.strerror}") from None
         try:
-            spawned = spawn.spawn_exec(ctr.init.pid, pspec, pipes.child, self.devnull)
+            setup = spawn.Setup(ctr.cgroup.procs if ctr.cgroup else None,
+                                seccomp=ctr.spec.seccomp)
+            spawned = spawn.spawn_exec(ctr.init.pid, pspec, pipes.child, self.devnull, setup)
         except OSError as exc:
             pipes.close_agent_ends()
             raise RequestError(ErrorKind.FAILED, f"{label}: fork: {exc.strerror}") from None
@@ -485,7 +473,22 @@ class Server:
         if proc.master is None or proc.master.fd < 0:
             proc.pending_winsize = (req.rows, req.cols)  # applied when the pty is taken over
         else:
-            _set_winsize(proc.master.fd, req.rows, req.cols)
+            set_winsize(proc.master.fd, req.rows, req.cols)
+        return {}
+
+    # ------------------------------------------------------------------ stats / update
+
+    def _stats(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        ctr = self._container(schema.ContainerRef.from_json(params).container_id)
+        return schema.params(schema.ContainerStats.from_json(ctrsetup.stats(ctr)))
+
+    def _update(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        req = schema.UpdateContainer.from_json(params)
+        ctr = self._container(req.container_id)
+        try:
+            ctrsetup.update(ctr, req.resources, log)
+        except ctrsetup.SetupRefused as exc:
+            raise RequestError(ErrorKind.INVALID, str(exc)) from None
         return {}
 
     # ------------------------------------------------------------------ reaping
@@ -508,6 +511,8 @@ class Server:
                 proc = self.by_pid.pop(pid, None)
             if proc is not None:
                 proc.reaped(status)
+            if self.stale_cgroups:
+                self.stale_cgroups = [cg for cg in self.stale_cgroups if not cg.remove()]
 
     def _poll_status_pipes(self) -> None:
         for ctr in list(self.containers.values()):
@@ -526,7 +531,10 @@ class Server:
         if not (proc is ctr.init and ctr.deleting_created):
             status, sig = exit_status(proc.wait_status) if proc.wait_status is not None else (
                 128 + signal.SIGKILL, int(signal.SIGKILL))
-            event = schema.ProcessExit(ctr.id, proc.exec_id, status, sig)
+            oom = sig == signal.SIGKILL and ctr.cgroup is not None and ctr.cgroup.new_oom_kill()
+            if oom:
+                log(f"{proc.label()}: OOM killed")
+            event = schema.ProcessExit(ctr.id, proc.exec_id, status, sig, oom)
             self._control(framing.Kind.EVENT, event.to_json())
         if proc is ctr.init and ctr.delete_rid is not None:
             rid, ctr.delete_rid = ctr.delete_rid, None
@@ -563,14 +571,16 @@ class Server:
                     os.kill(proc.pid, signal.SIGKILL)
             if proc.pid is not None and self.by_pid.get(proc.pid) is proc:
                 del self.by_pid[proc.pid]
-            _release(proc)
+            release(proc)
             proc.silence()
         for pipe in list(ctr.status_pipes.values()):
             self._close_status(ctr, pipe)
         if ctr.start_fd is not None:
             os.close(ctr.start_fd)
             ctr.start_fd = None
-        _unmount(ctr.root)
+        unmount(ctr.root)
+        if ctr.cgroup is not None and not ctr.cgroup.remove():
+            self.stale_cgroups.append(ctr.cgroup)
         for path in (ctr.root, os.path.dirname(ctr.root)):
             with contextlib.suppress(OSError):
                 os.rmdir(path)
@@ -589,59 +599,3 @@ class Server:
         for ctr in list(self.containers.values()):
             self._kill_all(ctr, signal.SIGKILL)
             self._remove(ctr)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-class _Pipes:
-    """stdio pipes of a new process (none with a terminal: the child opens a pty)."""
-
-    def __init__(self, stdio: schema.Stdio, terminal: bool) -> None:
-        self._pairs: list[tuple[int, int] | None] = []
-        try:
-            for stream in (stdio.stdin, stdio.stdout, stdio.stderr):
-                self._pairs.append(None if stream is None or terminal else os.pipe())
-        except OSError:
-            self._close([p for pair in self._pairs if pair for p in pair])
-            raise
-        stdin, stdout, stderr = self._pairs
-        self.child = spawn.Stdio(stdin[0] if stdin else None, stdout[1] if stdout else None,
-                                 stderr[1] if stderr else None)
-        self.agent = (stdin[1] if stdin else None, stdout[0] if stdout else None,
-                      stderr[0] if stderr else None)
-
-    @staticmethod
-    def _close(fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
-
-    def close_child_ends(self) -> None:
-        self._close([fd for fd in (self.child.stdin, self.child.stdout, self.child.stderr)
-                     if fd is not None])
-
-    def close_agent_ends(self) -> None:
-        self._close([fd for fd in self.agent if fd is not None])
-
-    def attach(self, proc: Process) -> None:
-        proc.attach_pipes(*self.agent)
-
-
-def _release(proc: Process) -> None:
-    """Let an exec's child go on to execve (its pty master is taken, or never will be)."""
-    if proc.ack_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(proc.ack_fd, b"k")
-        os.close(proc.ack_fd)
-        proc.ack_fd = None
-
-
-def _set_winsize(fd: int, rows: int, cols: int) -> None:
-    import fcntl
-
-    fcntl.ioctl(fd, sc.TIOCSWINSZ, sc.winsize(rows, cols))
-
-
-def _unmount(path: str) -> None:
-    with contextlib.suppress(OSError):
-        sc.umount2(path, sc.MNT_DETACH)

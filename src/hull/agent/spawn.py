@@ -30,16 +30,21 @@ import struct
 from collections.abc import Callable
 from typing import NoReturn
 
-from hull.agent import rootfs
+from hull.agent import caps, rootfs
 from hull.agent import syscalls as sc
 from hull.agent.loop import reset_child_signals
-from hull.agent.spec import DEFAULT_PATH, ContainerSpec, ProcessSpec
+from hull.agent.seccomp import Filter
+from hull.agent.spec import DEFAULT_PATH, ContainerSpec, IdMap, ProcessSpec
 
-_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-# setns order for an exec: the mount namespace last, as it changes root and cwd (and
-# so where /proc/<pid>/ns is found).
-_JOIN = (("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS), ("cgroup", sc.CLONE_NEWCGROUP),
-         ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS))
+# setns order for an exec: the user namespace first (it owns the others), the mount
+# namespace last, as it changes root and cwd (and so where /proc/<pid>/ns is found).
+_JOIN = (("user", sc.CLONE_NEWUSER), ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
+         ("net", sc.CLONE_NEWNET), ("cgroup", sc.CLONE_NEWCGROUP), ("pid", sc.CLONE_NEWPID),
+         ("mnt", sc.CLONE_NEWNS))
+# spec namespace type -> (unshare flag, /proc/PID/ns name)
+NS_FLAGS = {"pid": (sc.CLONE_NEWPID, "pid"), "network": (sc.CLONE_NEWNET, "net"),
+            "mount": (sc.CLONE_NEWNS, "mnt"), "ipc": (sc.CLONE_NEWIPC, "ipc"),
+            "uts": (sc.CLONE_NEWUTS, "uts"), "cgroup": (sc.CLONE_NEWCGROUP, "cgroup")}
 _MAX_MESSAGE = 2000
 _TIOCGPTN = 0x80045430
 
@@ -54,6 +59,21 @@ class Stdio:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
+
+
+class Setup:
+    """What the agent decided for a new process beyond its spec."""
+
+    __slots__ = ("cgroup_procs", "join", "seccomp")
+
+    def __init__(self, cgroup_procs: str | None = None, join: dict[str, int] | None = None,
+                 seccomp: Filter | None = None) -> None:
+        #: the container cgroup's cgroup.procs: the helper moves itself there first
+        self.cgroup_procs = cgroup_procs
+        #: spec namespace type -> an fd of the namespace to join (opened by the agent)
+        self.join = join or {}
+        #: the container's seccomp filter (an exec gets the container's)
+        self.seccomp = seccomp
 
 
 class Spawned:
@@ -78,7 +98,7 @@ class ExecError(Exception):
 
 
 def spawn_init(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int, *,
-               no_pivot: bool = False) -> Spawned:
+               no_pivot: bool = False, setup: Setup | None = None) -> Spawned:
     """Fork the container init (blocked before execve); the agent keeps the pipes' ends."""
     status_r, status_w = os.pipe()
     start_r, start_w = os.pipe()
@@ -91,14 +111,15 @@ def spawn_init(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull:
         raise
     if pid == 0:
         _child(status_w, lambda: _init_helper(cid, root, cspec, stdio, devnull, status_w,
-                                              start_r, sync_r, no_pivot))
+                                              start_r, sync_r, no_pivot, setup or Setup()))
     for fd in (status_w, start_r, sync_r, sync_w):
         os.close(fd)
     os.set_blocking(status_r, False)
     return Spawned(pid, status_r, start_w)
 
 
-def spawn_exec(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int) -> Spawned:
+def spawn_exec(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
+               setup: Setup | None = None) -> Spawned:
     """Fork a process into the namespaces of the container whose init is init_pid.
 
     With a terminal, the child waits after its T line until the agent writes (or closes)
@@ -116,7 +137,7 @@ def spawn_exec(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int) ->
         raise
     if pid == 0:
         _child(status_w, lambda: _exec_helper(init_pid, pspec, stdio, devnull, status_w,
-                                              sync_r, ack_r))
+                                              sync_r, ack_r, setup or Setup()))
     for fd in fds:
         if fd not in (status_r, ack_w):
             os.close(fd)
@@ -156,26 +177,94 @@ def _child(status_fd: int, body: Callable[[], None]) -> NoReturn:
 
 
 def _init_helper(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int,
-                 status_w: int, start_r: int, sync_r: int, no_pivot: bool) -> None:
-    """Helper A: new namespaces, fork B, report B's pid, exit.
+                 status_w: int, start_r: int, sync_r: int, no_pivot: bool,
+                 setup: Setup) -> None:
+    """Helper A: cgroup, joined and new namespaces, fork B, report B's pid, exit.
 
     A holds the write end of the sync pipe (inherited); its exit is B's signal to go on.
+    Mount, pid, uts, ipc and cgroup namespaces are always new unless the spec names one
+    to join (the guest's own must stay the agent's); network and user only when asked.
     """
+    if setup.cgroup_procs:
+        _join_cgroup(setup.cgroup_procs)
+    for kind, fd in setup.join.items():
+        sc.setns(fd, NS_FLAGS[kind][0])
+    if cspec.namespaces.get("user") == "":
+        _new_user_namespace(cspec.uid_mappings, cspec.gid_mappings)
+    flags = 0
+    for kind, (flag, _) in NS_FLAGS.items():
+        if kind in setup.join or (kind == "network" and cspec.namespaces.get(kind) != ""):
+            continue
+        flags |= flag
     try:
-        sc.unshare(_NAMESPACES | sc.CLONE_NEWCGROUP)
+        sc.unshare(flags)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:  # a kernel without cgroup namespaces
+        if exc.errno != errno.EINVAL or not flags & sc.CLONE_NEWCGROUP:
             raise
-        sc.unshare(_NAMESPACES)
+        sc.unshare(flags & ~sc.CLONE_NEWCGROUP)  # a kernel without cgroup namespaces
     pid = os.fork()
     if pid == 0:
         _child(status_w, lambda: _init_process(cid, root, cspec, stdio, devnull, status_w,
-                                               start_r, sync_r, no_pivot))
+                                               start_r, sync_r, no_pivot, setup))
     _Status.send("P", str(pid))
 
 
+def _join_cgroup(procs: str) -> None:
+    try:
+        _write(procs, "0")
+    except OSError as exc:
+        raise rootfs.SetupError(f"join cgroup {os.path.dirname(procs)}: "
+                                f"{sc.strerror(exc.errno or 0)}") from exc
+
+
+def _new_user_namespace(uid_maps: tuple[IdMap, ...], gid_maps: tuple[IdMap, ...]) -> None:
+    """unshare(CLONE_NEWUSER); a child still outside writes our uid_map and gid_map."""
+    ready_r, ready_w = os.pipe()
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the mapper: waits for the unshare, writes the maps, exits
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1):
+                _write_map(f"/proc/{me}/uid_map", uid_maps, "linux.uidMappings")
+                _write_map(f"/proc/{me}/gid_map", gid_maps, "linux.gidMappings")
+                code = 0
+        except rootfs.SetupError as exc:
+            _Status.send("E", str(exc))
+            code = 2
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    try:
+        sc.unshare(sc.CLONE_NEWUSER)
+    finally:
+        with contextlib.suppress(OSError):
+            os.write(ready_w, b"u")
+        os.close(ready_w)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 2:
+        os._exit(1)  # the mapper sent the error line
+    if code != 0:
+        raise rootfs.SetupError("user namespace: the id mappings could not be written")
+    with contextlib.suppress(OSError):  # root of the new namespace, when 0 is mapped
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+
+
+def _write_map(path: str, maps: tuple[IdMap, ...], what: str) -> None:
+    text = "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
+    try:
+        _write(path, text)
+    except OSError as exc:
+        raise rootfs.SetupError(f"{what} cannot be applied ({text.strip()!r}): "
+                                f"{sc.strerror(exc.errno or 0)}") from exc
+
+
 def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int,
-                  status_w: int, start_r: int, sync_r: int, no_pivot: bool) -> None:
+                  status_w: int, start_r: int, sync_r: int, no_pivot: bool,
+                  setup: Setup) -> None:
     """B: PID 1 of the container; set up, report ready, wait for start, execve."""
     status_w, start_r, sync_r = _arrange_fds(stdio, devnull, (status_w, start_r, sync_r))
     _Status.fd = status_w
@@ -190,6 +279,8 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
         sc.sethostname(cspec.hostname)
     if cspec.domainname:
         sc.setdomainname(cspec.domainname)
+    if cspec.namespaces.get("network") == "":
+        _loopback_up()
     # runc creates a missing cwd; on a read-only rootfs chdir reports it if it matters.
     with contextlib.suppress(OSError):
         os.makedirs(rootfs.secure_join(root, proc.cwd), 0o755, exist_ok=True)
@@ -197,7 +288,9 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
     if proc.terminal:
         _open_terminal(console=True)
     rootfs.finish(cspec)
-    path = _prepare_process(proc)
+    if cspec.personality is not None:
+        sc.personality(cspec.personality)
+    path = _prepare_process(proc, setup.seccomp)
     _Status.send("R")
     if not os.read(start_r, 1):
         os._exit(0)  # the agent deleted the container before starting it
@@ -206,12 +299,17 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
 
 
 def _exec_helper(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
-                 status_w: int, sync_r: int, ack_r: int) -> None:
-    """Helper C: join the container's namespaces, fork D, report D's pid, exit."""
+                 status_w: int, sync_r: int, ack_r: int, setup: Setup) -> None:
+    """Helper C: join the container's cgroup and namespaces, fork D, report D's pid, exit."""
+    if setup.cgroup_procs:
+        _join_cgroup(setup.cgroup_procs)
     fds = []
     try:
         for name, nstype in _JOIN:
             try:
+                if os.readlink(f"/proc/{init_pid}/ns/{name}") == \
+                        os.readlink(f"/proc/self/ns/{name}"):
+                    continue  # the same (joining one's own user namespace is EINVAL)
                 fds.append((os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
                             nstype))
             except FileNotFoundError:
@@ -224,12 +322,13 @@ def _exec_helper(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
             os.close(fd)
     pid = os.fork()
     if pid == 0:
-        _child(status_w, lambda: _exec_process(pspec, stdio, devnull, status_w, sync_r, ack_r))
+        _child(status_w, lambda: _exec_process(pspec, stdio, devnull, status_w, sync_r, ack_r,
+                                               setup.seccomp))
     _Status.send("P", str(pid))
 
 
 def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
-                  sync_r: int, ack_r: int) -> None:
+                  sync_r: int, ack_r: int, seccomp: Filter | None) -> None:
     """D: a process in the container's namespaces (root and cwd: the container's root)."""
     keep = (status_w, sync_r, ack_r) if ack_r >= 0 else (status_w, sync_r)
     status_w, sync_r, *acks = _arrange_fds(stdio, devnull, keep)
@@ -244,7 +343,7 @@ def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
         os.close(acks[0])
     if pspec.oom_score_adj is not None:
         _write("/proc/self/oom_score_adj", str(pspec.oom_score_adj))
-    path = _prepare_process(pspec)
+    path = _prepare_process(pspec, seccomp)
     _execve(path, pspec)
 
 
@@ -294,12 +393,28 @@ def _open_terminal(*, console: bool) -> None:
     _Status.send("T", str(master))
 
 
-def _prepare_process(proc: ProcessSpec) -> str:
-    """Limits, user and cwd of the process; returns the resolved executable."""
+def _prepare_process(proc: ProcessSpec, seccomp: Filter | None = None) -> str:
+    """Limits, user, capabilities, cwd and seccomp of the process (runc's order).
+
+    Returns the resolved executable. Without noNewPrivileges the filter goes in before
+    the capabilities are dropped (installing it needs CAP_SYS_ADMIN then), as in runc.
+    """
+    for label, value in (("apparmorProfile", proc.apparmor_profile),
+                         ("selinuxLabel", proc.selinux_label)):
+        if value:
+            _Status.send("W", f"process.{label} {value!r} ignored: the guest has no LSM")
     for rl in proc.rlimits:
-        sc.setrlimit(rl.resource, rl.soft, rl.hard)
-    if proc.no_new_privileges:
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        try:
+            sc.setrlimit(rl.resource, rl.soft, rl.hard)
+        except OSError as exc:
+            raise rootfs.SetupError(f"process.rlimits: {rl.resource}: "
+                                    f"{sc.strerror(exc.errno or 0)}") from exc
+    if seccomp is not None and not proc.no_new_privileges:
+        _install_seccomp(seccomp)
+    last = caps.last_cap()
+    if proc.capabilities is not None:
+        caps.drop_bounding(proc.capabilities, last)
+        sc.prctl(sc.PR_SET_KEEPCAPS, 1)
     # Try cwd as root first (it may be below a directory the user cannot search), then
     # again as the user, like runc.
     try:
@@ -312,13 +427,38 @@ def _prepare_process(proc: ProcessSpec) -> str:
     os.setgid(user.gid)
     os.setuid(user.uid)
     os.umask(user.umask)
+    if proc.capabilities is not None:
+        sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+        caps.apply(proc.capabilities, last, lambda text: _Status.send("W", text))
+    if proc.no_new_privileges:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     if not cwd_done:
         try:
             os.chdir(proc.cwd)
         except OSError as exc:
             raise rootfs.SetupError(f"chdir to cwd {proc.cwd}: {sc.strerror(exc.errno or 0)}"
                                     ) from exc
-    return resolve(proc.args[0], proc.getenv("PATH"))
+    path = resolve(proc.args[0], proc.getenv("PATH"))
+    if seccomp is not None and proc.no_new_privileges:
+        _install_seccomp(seccomp)
+    return path
+
+
+def _install_seccomp(seccomp: Filter) -> None:
+    try:
+        sc.seccomp_filter(seccomp.program, seccomp.flags)
+    except OSError as exc:
+        raise rootfs.SetupError(f"linux.seccomp: install the filter: "
+                                f"{sc.strerror(exc.errno or 0)}") from exc
+
+
+def _loopback_up() -> None:
+    from hull.agent import init
+
+    try:
+        init.loopback_up()
+    except OSError as exc:
+        _Status.send("W", f"network namespace: lo: {sc.strerror(exc.errno or 0)}")
 
 
 def resolve(name: str, path_env: str | None) -> str:

@@ -7,9 +7,15 @@ the checks here only guard the agent against shapes it cannot act on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hull.agent import syscalls as sc
+from hull.agent.caps import Caps, CapsError
+from hull.agent.caps import parse as parse_caps
+
+if TYPE_CHECKING:
+    from hull.agent.cgroup import Resources
+    from hull.agent.seccomp import Filter
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_ID = 2**32 - 1
@@ -46,14 +52,16 @@ class Rlimit:
 class ProcessSpec:
     """runtime-spec config.md "process"."""
 
-    __slots__ = ("args", "console_size", "cwd", "env", "no_new_privileges", "oom_score_adj",
-                 "rlimits", "terminal", "user")
+    __slots__ = ("apparmor_profile", "args", "capabilities", "console_size", "cwd", "env",
+                 "no_new_privileges", "oom_score_adj", "rlimits", "selinux_label", "terminal",
+                 "user")
 
     def __init__(self, args: tuple[str, ...], env: tuple[str, ...] = (), cwd: str = "/",
                  user: User | None = None, terminal: bool = False,
                  console_size: tuple[int, int] | None = None,  # (rows, cols)
                  rlimits: tuple[Rlimit, ...] = (), no_new_privileges: bool = False,
-                 oom_score_adj: int | None = None) -> None:
+                 oom_score_adj: int | None = None, capabilities: Caps | None = None,
+                 apparmor_profile: str = "", selinux_label: str = "") -> None:
         self.args = args
         self.env = env
         self.cwd = cwd
@@ -63,6 +71,10 @@ class ProcessSpec:
         self.rlimits = rlimits
         self.no_new_privileges = no_new_privileges
         self.oom_score_adj = oom_score_adj
+        #: None: the process keeps the capabilities it has (root: all)
+        self.capabilities = capabilities
+        self.apparmor_profile = apparmor_profile
+        self.selinux_label = selinux_label
 
     def getenv(self, name: str) -> str | None:
         prefix = name + "="
@@ -107,15 +119,38 @@ class Device:
         self.gid = gid
 
 
+class IdMap:
+    """One line of /proc/PID/uid_map (config-linux.md "uidMappings")."""
+
+    __slots__ = ("container_id", "host_id", "size")
+
+    def __init__(self, container_id: int, host_id: int, size: int) -> None:
+        self.container_id = container_id
+        self.host_id = host_id
+        self.size = size
+
+
 class ContainerSpec:
-    __slots__ = ("devices", "domainname", "hostname", "masked_paths", "mounts", "process",
-                 "readonly_paths", "readonly_root", "sysctl")
+    __slots__ = ("annotations", "cgroups_path", "devices", "domainname", "gid_mappings",
+                 "hostname", "masked_paths", "mounts", "namespaces", "personality", "process",
+                 "readonly_paths", "readonly_root", "resources", "rootfs_propagation",
+                 "seccomp", "sysctl", "uid_mappings")
 
     def __init__(self, process: ProcessSpec, readonly_root: bool = False, hostname: str = "",
                  domainname: str = "", mounts: tuple[Mount, ...] = (),
                  devices: tuple[Device, ...] = (), masked_paths: tuple[str, ...] = (),
                  readonly_paths: tuple[str, ...] = (),
                  sysctl: tuple[tuple[str, str], ...] = ()) -> None:
+        #: type ("pid", "network", ...) -> path ("" = a new namespace); absent = the guest's
+        self.namespaces: dict[str, str] = {}
+        self.uid_mappings: tuple[IdMap, ...] = ()
+        self.gid_mappings: tuple[IdMap, ...] = ()
+        self.seccomp: Filter | None = None
+        self.resources: Resources | None = None
+        self.cgroups_path = ""
+        self.personality: int | None = None
+        self.rootfs_propagation = 0
+        self.annotations: dict[str, str] = {}
         self.process = process
         self.readonly_root = readonly_root
         self.hostname = hostname
@@ -215,10 +250,19 @@ def parse_process(obj: Any, what: str = "process") -> ProcessSpec:
     if not isinstance(nnp, bool):
         raise SpecError(f"{what}.noNewPrivileges must be a boolean")
     oom = proc.get("oomScoreAdj")
+    caps = None
+    if proc.get("capabilities") is not None:
+        try:
+            caps = parse_caps(proc["capabilities"], f"{what}.capabilities")
+        except CapsError as exc:
+            raise SpecError(str(exc)) from None
     return ProcessSpec(
         args=args, env=env, cwd=cwd, user=user, terminal=terminal, console_size=console_size,
         rlimits=tuple(rlimits), no_new_privileges=nnp,
         oom_score_adj=None if oom is None else _int(oom, f"{what}.oomScoreAdj", -1000, 1000),
+        capabilities=caps,
+        apparmor_profile=_str(proc.get("apparmorProfile"), f"{what}.apparmorProfile"),
+        selinux_label=_str(proc.get("selinuxLabel"), f"{what}.selinuxLabel"),
     )
 
 
@@ -298,7 +342,7 @@ def parse_container(spec: dict[str, Any]) -> ContainerSpec:
     for key, value in sysctl.items():
         if not isinstance(value, str) or "/" in key or ".." in key:
             raise SpecError(f"linux.sysctl {key!r} is invalid")
-    return ContainerSpec(
+    cspec = ContainerSpec(
         process=parse_process(spec.get("process")),
         readonly_root=readonly,
         hostname=_str(spec.get("hostname"), "hostname"),
@@ -311,3 +355,75 @@ def parse_container(spec: dict[str, Any]) -> ContainerSpec:
                              for p in _list(linux.get("readonlyPaths"), "linux.readonlyPaths")),
         sysctl=tuple(sorted(sysctl.items())),
     )
+    _parse_linux(cspec, linux)
+    annotations = _dict(spec.get("annotations"), "annotations")
+    cspec.annotations = {k: v for k, v in annotations.items() if isinstance(v, str)}
+    return cspec
+
+
+NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+# personality(2) domains runtime-spec names
+_PERSONALITY = {"LINUX": 0x0000, "LINUX32": 0x0008}
+
+
+def _parse_linux(cspec: ContainerSpec, linux: dict[str, Any]) -> None:
+    """namespaces, id mappings, seccomp, resources, cgroupsPath, personality, propagation."""
+    for item in _list(linux.get("namespaces"), "linux.namespaces"):
+        ns = _dict(item, "linux.namespaces[]")
+        kind = _str(ns.get("type"), "linux.namespaces[].type")
+        if kind not in NAMESPACES:
+            raise SpecError(f"linux.namespaces: unknown namespace type {kind!r}")
+        if kind in cspec.namespaces:
+            raise SpecError(f"linux.namespaces: {kind} is listed twice")
+        path = _str(ns.get("path"), f"linux.namespaces {kind} path")
+        if path and not path.startswith("/"):
+            raise SpecError(f"linux.namespaces {kind} path must be absolute, not {path!r}")
+        if kind == "time" and path:
+            raise SpecError("linux.namespaces: joining a time namespace is not supported")
+        cspec.namespaces[kind] = path
+    for key, attr in (("uidMappings", "uid_mappings"), ("gidMappings", "gid_mappings")):
+        maps = []
+        for m in _list(linux.get(key), f"linux.{key}"):
+            d = _dict(m, f"linux.{key}[]")
+            maps.append(IdMap(_int(d.get("containerID"), f"linux.{key}[].containerID", 0,
+                                   _MAX_ID - 1),
+                              _int(d.get("hostID"), f"linux.{key}[].hostID", 0, _MAX_ID - 1),
+                              _int(d.get("size"), f"linux.{key}[].size", 1, _MAX_ID)))
+        if len(maps) > 340:  # the kernel's limit on lines of a map
+            raise SpecError(f"linux.{key} has more than 340 entries")
+        setattr(cspec, attr, tuple(maps))
+    user_ns = "user" in cspec.namespaces and not cspec.namespaces["user"]
+    if (cspec.uid_mappings or cspec.gid_mappings) and not user_ns:
+        raise SpecError("linux.uidMappings/gidMappings need a new user namespace in "
+                        "linux.namespaces")
+    if user_ns and not (cspec.uid_mappings and cspec.gid_mappings):
+        raise SpecError("a new user namespace needs linux.uidMappings and linux.gidMappings")
+    if linux.get("seccomp") is not None:
+        from hull.agent.seccomp import SeccompError, compile_profile
+
+        try:
+            cspec.seccomp = compile_profile(linux["seccomp"])
+        except SeccompError as exc:
+            raise SpecError(str(exc)) from None
+    if linux.get("resources") is not None:
+        from hull.agent.cgroup import CgroupError
+        from hull.agent.cgroup import parse as parse_resources
+
+        try:
+            cspec.resources = parse_resources(linux["resources"])
+        except CgroupError as exc:
+            raise SpecError(str(exc)) from None
+    cspec.cgroups_path = _str(linux.get("cgroupsPath"), "linux.cgroupsPath")
+    if linux.get("personality") is not None:
+        pers = _dict(linux["personality"], "linux.personality")
+        domain = _str(pers.get("domain"), "linux.personality.domain")
+        if domain not in _PERSONALITY:
+            raise SpecError(f"linux.personality.domain: unknown domain {domain!r}")
+        if pers.get("flags"):
+            raise SpecError("linux.personality.flags are not supported")
+        cspec.personality = _PERSONALITY[domain]
+    prop = _str(linux.get("rootfsPropagation"), "linux.rootfsPropagation")
+    if prop:
+        if prop not in _PROPAGATION:
+            raise SpecError(f"linux.rootfsPropagation: unknown propagation {prop!r}")
+        cspec.rootfs_propagation = _PROPAGATION[prop]

@@ -49,10 +49,17 @@ MS_STRICTATIME = 0x1000000
 MS_LAZYTIME = 0x2000000
 MNT_DETACH = 0x2
 
+CLONE_NEWUSER = 0x10000000
+
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # <linux/reboot.h>
 RB_POWER_OFF = 0x4321FEDC
@@ -70,6 +77,8 @@ MODULE_INIT_COMPRESSED_FILE = 4
 _ARCH_SYSCALLS = {
     # name: (x86_64, aarch64)
     "finit_module": (313, 273),
+    "seccomp": (317, 277),
+    "capset": (126, 91),
     "pidfd_open": (434, 434),
     "pidfd_getfd": (438, 438),
 }
@@ -145,6 +154,40 @@ def setdomainname(name: str) -> None:
 
 def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, arg2, 0, 0, 0), "prctl")
+
+
+def prctl3(option: int, arg2: int, arg3: int) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
+
+
+_CAP_VERSION_3 = 0x20080522
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of the calling thread, 64-bit masks (two 32-bit data structs)."""
+    header = struct.pack("=Ii", _CAP_VERSION_3, 0)
+    data = struct.pack("=6I", effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF,
+                       inheritable & 0xFFFFFFFF, effective >> 32, permitted >> 32,
+                       inheritable >> 32)
+    _check(_libc.syscall(_c_long(_nr("capset")), _c_str(header), _c_str(data)), "capset")
+
+
+def seccomp_filter(program: bytes, flags: int) -> None:
+    """Install a classic BPF program (struct sock_filter[]) as this thread's filter."""
+    buf = ctypes.create_string_buffer(program, len(program))
+
+    class _Fprog(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+    prog = _Fprog(len(program) // 8, ctypes.addressof(buf))
+    set_mode_filter = 1
+    _check(_libc.syscall(_c_long(_nr("seccomp")), _c_int(set_mode_filter), _c_ulong(flags),
+                         ctypes.byref(prog)), "seccomp")
+
+
+def personality(persona: int) -> None:
+    _libc.personality.argtypes = (_c_ulong,)
+    _check(_libc.personality(persona), "personality")
 
 
 def reboot(cmd: int) -> None:

@@ -39,6 +39,8 @@ class Method(enum.StrEnum):
     SIGNAL_PROCESS = "signal_process"
     RESIZE_PTY = "resize_pty"
     DELETE_CONTAINER = "delete_container"
+    STATS_CONTAINER = "stats_container"
+    UPDATE_CONTAINER = "update_container"
     SHUTDOWN = "shutdown"
     # Answered by the proxy itself, never forwarded to the agent: they act on the VM.
     PAUSE_SANDBOX = "pause_sandbox"
@@ -351,6 +353,75 @@ class ProcessExit:
                    get_str(o, "exec_id", max_len=MAX_ID_LEN, optional=True),
                    get_int(o, "status", 0, 255), get_opt_int(o, "signal", 1, 64),
                    get_bool(o, "oom_killed"))
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateContainer:
+    """Apply an OCI ``linux.resources`` object to the container's cgroup in the guest."""
+
+    container_id: str
+    resources: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> UpdateContainer:
+        return cls(get_str(o, "container_id", max_len=MAX_ID_LEN),
+                   _obj(o.get("resources"), "resources"))
+
+
+MAX_COUNTER = 2**64 - 1
+_MAX_KEYS = 256
+
+
+def _counters(o: dict[str, Any], key: str) -> dict[str, int]:
+    """A {name: non-negative int} object (cpu.stat, memory.stat, memory.events)."""
+    value = _obj(o.get(key, {}), key)
+    if len(value) > _MAX_KEYS:
+        raise SchemaError(f"{key} has more than {_MAX_KEYS} entries")
+    for name in value:
+        if len(name) > 64:
+            raise SchemaError(f"{key}: a key is longer than 64 characters")
+        get_int(value, name, 0, MAX_COUNTER)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStats:
+    """Reply to stats_container: the cgroup v2 figures of the container's cgroup.
+
+    ``cpu`` is cpu.stat (usage_usec, user_usec, system_usec, ...); memory figures are
+    bytes; a ``*_max`` of None means no limit ("max"). ``io`` maps "major:minor" to the
+    io.stat fields (rbytes, wbytes, rios, wios, ...).
+    """
+
+    cpu: dict[str, int] = field(default_factory=dict)
+    memory_current: int = 0
+    memory_max: int | None = None
+    memory_peak: int = 0
+    swap_current: int = 0
+    swap_max: int | None = None
+    memory_stat: dict[str, int] = field(default_factory=dict)
+    memory_events: dict[str, int] = field(default_factory=dict)
+    pids_current: int = 0
+    pids_max: int | None = None
+    io: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> ContainerStats:
+        io = _obj(o.get("io", {}), "io")
+        if len(io) > _MAX_KEYS:
+            raise SchemaError(f"io has more than {_MAX_KEYS} devices")
+        for dev in io:
+            if len(dev) > 32:
+                raise SchemaError("io: a device key is longer than 32 characters")
+            _counters(io, dev)
+        return cls(
+            _counters(o, "cpu"), get_int(o, "memory_current", 0, MAX_COUNTER),
+            get_opt_int(o, "memory_max", 0, MAX_COUNTER),
+            get_int(o, "memory_peak", 0, MAX_COUNTER),
+            get_int(o, "swap_current", 0, MAX_COUNTER),
+            get_opt_int(o, "swap_max", 0, MAX_COUNTER), _counters(o, "memory_stat"),
+            _counters(o, "memory_events"), get_int(o, "pids_current", 0, MAX_COUNTER),
+            get_opt_int(o, "pids_max", 0, MAX_COUNTER), io)
 
 
 def params(payload: Any) -> dict[str, Any]:

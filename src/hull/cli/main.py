@@ -17,6 +17,7 @@ from hull.cli import (
     check,
     create,
     delete,
+    events,
     exec_,
     features,
     helpers,
@@ -30,12 +31,13 @@ from hull.cli import (
     spec,
     start,
     state,
+    update,
 )
 from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
 from hull.errors import HullError
 
 VERBS = (create, start, run, state, kill, delete, exec_, ps, list_, pause, spec, features,
-         check, kernel, image, helpers)
+         check, kernel, image, helpers, events, update)
 log = logging.getLogger("hull")
 
 

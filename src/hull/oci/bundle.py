@@ -85,10 +85,36 @@ def check_spec(spec: Any, where: Path | str) -> None:
     hostname = spec.get("hostname", "")
     if not isinstance(hostname, str) or len(hostname) > 64:
         raise BundleError(f"{where}: hostname must be a string of at most 64 characters")
+    check_hooks(spec.get("hooks", {}), where)
     annotations = spec.get("annotations", {})
     if not isinstance(annotations, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise BundleError(f"{where}: annotations must map strings to strings")
+    check_in_guest_terms(spec, where)
+
+
+def check_in_guest_terms(spec: dict[str, Any], where: Path | str) -> None:
+    """Run the agent's own spec parser on the host, so what the agent would refuse
+    (unknown capabilities, a bad seccomp profile, absurd resources, ...) fails before a
+    VM boots. The one import of hull.agent outside the guest: the parser is pure."""
+    from hull.agent.spec import SpecError, parse_container
+
+    try:
+        parse_container(spec)
+    except SpecError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+
+
+def check_hooks(hooks: Any, where: Path | str) -> None:
+    if not isinstance(hooks, dict):
+        raise BundleError(f"{where}: hooks must be an object")
+    for kind, entries in hooks.items():
+        if not isinstance(entries, list):
+            raise BundleError(f"{where}: hooks.{kind} must be a list")
+        for i, hook in enumerate(entries):
+            if not isinstance(hook, dict) or not isinstance(hook.get("path"), str) or not (
+                    hook["path"].startswith("/")):
+                raise BundleError(f"{where}: hooks.{kind}[{i}].path must be absolute")
 
 
 def check_process(process: dict[str, Any], where: str) -> None:

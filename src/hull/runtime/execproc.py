@@ -89,7 +89,7 @@ def _detached(rt: Runtime, cdir: Any, exec_id: str, process: dict[str, Any],
         verb = ["shim", "--exec-id", exec_id, "--process", f.name, cdir.id]
         if console_socket:
             verb[1:1] = ["--console-socket", console_socket]
-        pid = rt.spawn(cdir, verb, daemon=False)
+        pid = rt.spawn(cdir, verb, daemon=False, inherit_stdio=not console_socket)
     finally:
         os.unlink(f.name)
     record = cdir.path / "execs" / f"{exec_id}.json"

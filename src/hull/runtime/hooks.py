@@ -20,19 +20,6 @@ log = logging.getLogger("hull.hooks")
 FATAL = ("prestart", "createRuntime", "createContainer", "startContainer")
 
 
-def check(spec: dict[str, Any]) -> None:
-    hooks = spec.get("hooks") or {}
-    if not isinstance(hooks, dict):
-        raise HullError("config.json: hooks must be an object")
-    for kind, entries in hooks.items():
-        if not isinstance(entries, list):
-            raise HullError(f"config.json: hooks.{kind} must be a list")
-        for i, hook in enumerate(entries):
-            if not isinstance(hook, dict) or not isinstance(hook.get("path"), str) or not (
-                    hook["path"].startswith("/")):
-                raise HullError(f"config.json: hooks.{kind}[{i}].path must be absolute")
-
-
 def run(spec: dict[str, Any], kind: str, state: dict[str, Any]) -> None:
     for i, hook in enumerate((spec.get("hooks") or {}).get(kind) or []):
         try:

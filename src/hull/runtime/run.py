@@ -24,6 +24,8 @@ from hull.config.settings import Config
 from hull.errors import HypervisorError
 from hull.hypervisor.base import Share
 from hull.oci.bundle import Bundle
+from hull.runtime import hooks
+from hull.runtime.lifecycle import oci_state
 from hull.runtime.sandbox import Sandbox
 from hull.runtime.state import ContainerDir, ContainerState, Status
 from hull.runtime.stdio import HostStdio, ProcessIO
@@ -103,10 +105,12 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
         await sandbox.call(schema.Method.CREATE_CONTAINER, request)
         state.status, state.pid = Status.CREATED, os.getpid()
         cdir.save(state)
+        await _hooks(bundle, state, "prestart", "createRuntime", "createContainer")
         io.start_input()
         await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
         state.status = Status.RUNNING
         cdir.save(state)
+        await _hooks(bundle, state, "startContainer", "poststart")
         with _forward_signals(sandbox, cid, bundle.terminal):
             vm_died = asyncio.ensure_future(sandbox.watch_vm())
             waiting: list[asyncio.Future[Any]] = [exited, vm_died]
@@ -120,7 +124,17 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
             await io.drain()
         state.status = Status.STOPPED
         cdir.save(state)
-        return exited.result().status
+    await _hooks(bundle, state, "poststop")
+    return exited.result().status
+
+
+async def _hooks(bundle: Bundle, state: ContainerState, *kinds: str) -> None:
+    """Run OCI hooks off the event loop (output keeps flowing while a hook runs)."""
+    if not bundle.spec.get("hooks"):
+        return
+    loop = asyncio.get_running_loop()
+    for kind in kinds:
+        await loop.run_in_executor(None, hooks.run, bundle.spec, kind, oci_state(state))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,68 @@
+"""The virtio-9p shares a container's rootfs comes from, mounted in the guest."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from hull.agent import syscalls as sc
+from hull.agent.pipes import unmount
+from hull.agentapi import schema
+
+_9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
+
+
+class Shares:
+    def __init__(self, run_dir: str, share_dir: str | None) -> None:
+        self.run_dir = run_dir
+        #: TEST ONLY: a tag names <share_dir>/<tag>, bind-mounted (see server.Options)
+        self.share_dir = share_dir
+        #: mount points of shares mounted once and shared by containers (RootfsShare.path)
+        self.share_mounts: set[str] = set()
+
+    def mount_rootfs(self, share: schema.RootfsShare, root: str) -> None:
+        """Mount the container's rootfs share at root; OSError (root unmounted) on failure."""
+        os.makedirs(root, 0o755, exist_ok=True)
+        try:
+            if share.path:
+                self._bind_from_share(share, root)
+            elif self.share_dir is not None:
+                if not share.tag or "/" in share.tag or share.tag in (".", ".."):
+                    raise OSError(errno.EINVAL, f"share tag {share.tag!r} is not valid")
+                sc.mount(os.path.join(self.share_dir, share.tag), root, None,
+                         sc.MS_BIND | sc.MS_REC)
+                if share.readonly:
+                    sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+            else:
+                sc.mount(share.tag, root, "9p", sc.MS_RDONLY if share.readonly else 0,
+                         _9P_OPTIONS)
+        except OSError:
+            unmount(root)
+            raise
+
+    def _bind_from_share(self, share: schema.RootfsShare, root: str) -> None:
+        """Bind <share>/<path> as the rootfs: a pod's containers share one 9p device."""
+        point = self._share_mount(share.tag)
+        source = os.path.realpath(os.path.join(point, share.path))
+        # The schema refuses "..": this also refuses a symlink leading out of the share.
+        if not source.startswith(point + "/"):
+            raise OSError(errno.EINVAL, f"rootfs path {share.path!r} leaves the share")
+        sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
+        if share.readonly:
+            sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+
+    def _share_mount(self, tag: str) -> str:
+        """Where share ``tag`` is mounted, mounting it on first use (once per tag)."""
+        if not tag or "/" in tag or tag in (".", ".."):
+            raise OSError(errno.EINVAL, f"share tag {tag!r} is not valid")
+        point = os.path.join(self.run_dir, "shares", tag)
+        if point in self.share_mounts:
+            return point
+        os.makedirs(point, 0o755, exist_ok=True)
+        if self.share_dir is not None:
+            sc.mount(os.path.join(self.share_dir, tag), point, None,
+                     sc.MS_BIND | sc.MS_REC)
+        else:
+            sc.mount(tag, point, "9p", 0, _9P_OPTIONS)
+        self.share_mounts.add(point)
+        return point

@@ -1,0 +1,94 @@
+"""Issue 5 in the VM: the container behaves as config.json says, checked with busybox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.integration.cli_helpers import Cli, become_subreaper, cleanup
+from tests.integration.conftest import BundleFactory, Runner
+
+
+def test_oom_kill_exits_137(hull: Runner, bundle: BundleFactory) -> None:
+    def limit(spec: dict[str, Any]) -> None:
+        spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}}
+
+    hog = "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived"
+    done = hull("run", "-b", str(bundle(["sh", "-c", hog], mutate=limit)), "oom")
+    assert done.returncode == 137, (done.stdout, done.stderr)
+    assert b"survived" not in done.stdout
+
+
+def test_cgroup_limits_visible_inside(hull: Runner, bundle: BundleFactory) -> None:
+    def limits(spec: dict[str, Any]) -> None:
+        spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 50},
+                                      "cpu": {"quota": 50000, "period": 100000}}
+        spec["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup2",
+                               "source": "cgroup"})
+
+    script = ("cat /proc/self/cgroup; cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max "
+              "/sys/fs/cgroup/cpu.max")
+    done = hull("run", "-b", str(bundle(["sh", "-c", script], mutate=limits)), "cglim")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["0::/", str(64 << 20), "50", "50000", "100000"]
+
+
+def test_seccomp_mkdir_eperm_and_caps_in_guest(hull: Runner, bundle: BundleFactory) -> None:
+    def secure(spec: dict[str, Any]) -> None:
+        spec["linux"]["seccomp"] = {
+            "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
+        spec["process"]["capabilities"] = {k: ["CAP_KILL"] for k in
+                                           ("bounding", "effective", "permitted")}
+        spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 88}]
+
+    script = ("mkdir /tmp/d 2>&1; touch /tmp/f; chown 1000 /tmp/f 2>&1; ulimit -n; "
+              "grep CapEff /proc/self/status")
+    done = hull("run", "-b", str(bundle(["sh", "-c", script], mutate=secure)), "sec")
+    out = done.stdout.decode()
+    assert "mkdir: can't create directory '/tmp/d': Operation not permitted" in out, out
+    assert "chown: /tmp/f: Operation not permitted" in out, out
+    assert "\n77\n" in out and "CapEff:\t0000000000000020" in out, out
+
+
+def test_bad_capability_fails_before_boot(hull: Runner, bundle: BundleFactory) -> None:
+    def bad(spec: dict[str, Any]) -> None:
+        spec["process"]["capabilities"] = {"bounding": ["CAP_FLY"]}
+
+    done = hull("run", "-b", str(bundle(["true"], mutate=bad)), "badcap")
+    assert done.returncode != 0
+    assert b"process.capabilities.bounding: unknown capability 'CAP_FLY'" in done.stderr
+
+
+def test_events_stats_and_update(state_root: Path, tmp_path: Path, guest_assets_ready: None,
+                                 bundle: BundleFactory) -> None:
+    become_subreaper()
+    cli = Cli(state_root, tmp_path)
+
+    def limits(spec: dict[str, Any]) -> None:
+        spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 50}}
+
+    b = bundle(["sleep", "60"], mutate=limits)
+    with cleanup(cli, "st"):
+        done, _, err = cli.create("st", b)
+        assert done.returncode == 0, err.read_text()
+        assert cli("start", "st").returncode == 0
+        done = cli("events", "--stats", "st")
+        assert done.returncode == 0, done.stderr
+        event = json.loads(done.stdout)
+        assert event["type"] == "stats" and event["id"] == "st"
+        data = event["data"]
+        assert data["memory"]["usage"]["limit"] == 64 << 20
+        assert data["memory"]["usage"]["usage"] > 0
+        assert data["pids"] == {"current": 1, "limit": 50}
+        assert data["cpu"]["usage"]["total"] >= data["cpu"]["usage"]["user"]
+        done = cli("update", "--pids-limit", "9", "--memory", "32m", "st")
+        assert done.returncode == 0, done.stderr
+        data = json.loads(cli("events", "--stats", "st").stdout)["data"]
+        assert data["pids"]["limit"] == 9 and data["memory"]["usage"]["limit"] == 32 << 20
+        done = cli("update", "--resources", "-", "st",
+                   input=json.dumps({"memory": {"limit": 1 << 40}}).encode())
+        assert done.returncode != 0
+        assert b"VM's memory" in done.stderr and b"no memory hotplug" in done.stderr
+        cli("kill", "st", "KILL")
