@@ -17,6 +17,8 @@ packages=(
     python3 python3-venv python3-dev                      # Hull itself
     runc                                                  # benchmarks compare against it
     containerd                                            # shim v2 tests (private instance)
+    containernetworking-plugins iproute2                  # CRI tests: CNI bridge + host-local
+    podman conmon docker.io                               # client tests (test_clients.py)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -38,8 +38,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 
 class Containerd:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, config: str = CONFIG, namespace: str = NAMESPACE) -> None:
         self.base = base
+        self.config_template = config  # formatted with dir=base
+        self.namespace = namespace
         self.socket = base / "c.sock"
         self.shim_root = base / "shim"
         self.config = base / "config.toml"
@@ -49,7 +51,7 @@ class Containerd:
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
 
     def start(self) -> None:
-        self.config.write_text(CONFIG.format(dir=self.base))
+        self.config.write_text(self.config_template.format(dir=self.base))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(["containerd", "--config", str(self.config)],
                                          stdout=log, stderr=log, env=self.env,
@@ -75,7 +77,7 @@ class Containerd:
 
     def ctr(self, *args: str, check: bool = True, input: bytes | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(["ctr", "-a", str(self.socket), "-n", NAMESPACE, *args],
+        done = subprocess.run(["ctr", "-a", str(self.socket), "-n", self.namespace, *args],
                               input=input.decode() if input is not None else None,
                               capture_output=True, text=True, timeout=timeout, check=False)
         if check and done.returncode != 0:
@@ -89,7 +91,7 @@ class Containerd:
         return {line.split()[0]: line.split()[2] for line in out if line.split()}
 
     def bundle(self, task_id: str) -> Path:
-        return self.base / "state/io.containerd.runtime.v2.task" / NAMESPACE / task_id
+        return self.base / "state/io.containerd.runtime.v2.task" / self.namespace / task_id
 
     def cleanup(self) -> None:
         """Remove every task and container (so no shim or VM outlives the test)."""

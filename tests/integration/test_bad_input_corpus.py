@@ -144,7 +144,7 @@ CLI: list[tuple[list[str], str]] = [
     (["run", "--bundle", "/", ".."], "invalid container id"),
     (["run", "--bundle", "/", "a b"], "invalid container id"),
     (["run", "--bundle", "/", ""], "container id cannot be empty"),
-    (["--config", "/nonexistent.toml", "run", "x"], "does not exist"),
+    (["--config", "/nonexistent.toml", "check"], "does not exist"),
     (["nosuchverb"], "invalid choice"),
 ]
 

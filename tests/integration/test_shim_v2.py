@@ -205,19 +205,24 @@ def test_pod_containers_share_one_vm_and_localhost(containerd: Containerd, rootf
     second = tmp_path / "rootfs2"
     shutil.copytree(rootfs, second, symlinks=True)
 
-    def pod_run(task_id: str, kind: str, root: Path, *args: str, detach: bool
-                ) -> subprocess.CompletedProcess[str]:
+    def pod_run(task_id: str, kind: str, root: Path, *args: str, detach: bool,
+                netns: str = "") -> subprocess.CompletedProcess[str]:
+        # As CRI does, a pod's container joins the sandbox's network namespace by path.
+        join = ["--with-ns", f"network:{netns}"] if netns else []
         return c.ctr("run", "-d" if detach else "--rm", "--runtime", RUNTIME,
                      "--annotation", f"io.kubernetes.cri.container-type={kind}",
-                     "--annotation", "io.kubernetes.cri.sandbox-id=sb",
+                     "--annotation", "io.kubernetes.cri.sandbox-id=sb", *join,
                      "--rootfs", str(root), task_id, *args, check=False)
 
     done = pod_run("sb", "sandbox", rootfs, "httpd", "-f", "-p", "8080", "-h", "/www",
                    detach=True)
     assert done.returncode == 0, done.stderr
     assert (c.bundle("sb") / "address").exists()
+    sandbox_pid = next(line.split()[1] for line in c.ctr("task", "ls").stdout.splitlines()
+                       if line.startswith("sb "))
     done = pod_run("c2", "container", second, "sh", "-c",
-                   "wget -qO- http://127.0.0.1:8080/index.html && touch /mine", detach=False)
+                   "wget -qO- http://127.0.0.1:8080/index.html && touch /mine", detach=False,
+                   netns=f"/proc/{sandbox_pid}/ns/net")
     assert (done.returncode, done.stdout) == (0, "pod-hello\n"), done.stderr
     assert (second / "mine").exists() and not (rootfs / "mine").exists()
     assert len(qemu_of("sb")) == 1 and not qemu_of("c2")

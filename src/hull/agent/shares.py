@@ -9,6 +9,10 @@ from hull.agent import syscalls as sc
 from hull.agent.pipes import unmount
 from hull.agentapi import schema
 
+# cache=mmap, not loose: a pod's containers from one image share lower-layer inodes
+# (overlayfs reports the lower file's st_dev/st_ino, so their 9p QIDs are equal), and a
+# loose cache kept serving them through a deleted container's path: a new container
+# then found no /bin/sleep (tests/integration/test_cri.py, exit_stop_and_remove).
 _9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
 
 

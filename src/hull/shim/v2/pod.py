@@ -34,6 +34,7 @@ from hull.errors import (
     InvalidState,
 )
 from hull.hypervisor.base import Share
+from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
 from hull.runtime.sandbox import Sandbox
 from hull.shim.proto import events_pb2, types_pb2
@@ -168,8 +169,11 @@ class Pod:
                     rootfs = oci_bundle.Bundle(bundle, spec).rootfs  # docker: absolute path
                 if self.sandbox is None:
                     self.sandbox_id = sandbox_id
-                    await self._boot(req, annotations)
-                readonly = bool(spec["root"].get("readonly", False))
+                    await self._boot(req, annotations, spec)
+                # The share stays writable: the container's init makes its mount points
+                # first (a read-only image such as CRI's pause has no /proc), then the
+                # agent remounts its root read-only when root.readonly says so, as runc.
+                readonly = False
                 share = self.shared / req.id / "rootfs"
                 mounts.bind(rootfs, share, readonly)
                 undo.callback(mounts.remove_bind, share)
@@ -192,11 +196,16 @@ class Pod:
                                      stderr=req.stdio.stderr, terminal=req.stdio.terminal)))
             return proc.pid
 
-    async def _boot(self, req: CreateRequest, annotations: dict[str, str]) -> None:
+    async def _boot(self, req: CreateRequest, annotations: dict[str, str],
+                    spec: dict[str, Any]) -> None:
         config = sizing.apply(self.load_config(req.config_path), annotations)
+        # The pod's network is the first container's (CRI: the sandbox's CNI namespace);
+        # the others join the guest's, which the agent configured once.
+        network = netns.choose(spec)
         self.shared.mkdir(parents=True, exist_ok=True)
         sandbox = Sandbox(config, self.sandbox_id, self.state_dir / "console.log",
-                          (Share(SHARE_TAG, self.shared),), state_root=self.state_dir)
+                          (Share(SHARE_TAG, self.shared),), state_root=self.state_dir,
+                          network=network)
         try:
             await sandbox.__aenter__()
         except BaseException:

@@ -1,0 +1,1 @@
+"""Kubernetes CRI tests: containerd's CRI plugin with a `hull` runtime handler."""
