@@ -8,9 +8,12 @@ raise the ambient ones. A process without a ``capabilities`` object keeps what i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from hull.agent import syscalls as sc
+
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # <linux/capability.h>, in number order (CAP_CHOWN = 0 ... CAP_CHECKPOINT_RESTORE = 40)
 NAMES = (

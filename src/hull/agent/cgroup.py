@@ -17,7 +17,10 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 Warn = Callable[[str], None]
 CONTROLLERS = ("cpu", "cpuset", "io", "memory", "pids")

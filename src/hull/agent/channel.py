@@ -19,9 +19,8 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import cast
 
-from hull.agent.log import log
+from hull.agent.log import log, mark
 from hull.agent.loop import Loop, Timer
 from hull.agentapi import framing
 
@@ -99,6 +98,7 @@ class Channel:
             log(f"open {path}: {exc.strerror}")
             self._retry = self._loop.call_later(RETRY_DELAY, self._open_port)
             return
+        mark("port")
         self._probe()
 
     def _probe(self) -> None:
@@ -164,7 +164,7 @@ class Channel:
                 return
             try:
                 # feed() only appends its argument to a bytearray: a view saves a copy.
-                for frame in self._decoder.feed(cast(bytes, self._view[:n])):
+                for frame in self._decoder.feed(self._view[:n]):  # type: ignore[arg-type]
                     self._on_frame(frame)
                     if self.fd < 0:  # a handler ended the channel (shutdown)
                         return

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from hull.agent.process import Process
 from hull.agent.spawn import StatusPipe
 from hull.agent.spec import ContainerSpec
 
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
 if TYPE_CHECKING:
     from hull.agent.cgroup import Cgroup
 

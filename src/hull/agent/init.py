@@ -131,6 +131,40 @@ def add_entropy(entropy: bytes) -> None:
         os.close(fd)
 
 
+#: Kernel log lines that mark boot phases (HULL_PROFILE=1 only): name -> line start.
+_KERNEL_MARKS = (("kernel.unpack", "Unpacking initramfs"),
+                 ("kernel.unpacked", "Freeing initrd memory"),
+                 ("kernel.init", "Run /init as init process"))
+
+
+def kernel_marks() -> dict[str, float]:
+    """When the kernel logged its boot milestones (seconds of its log clock), from
+    /dev/kmsg: for boot profiles only, as reading the log costs a little."""
+    found: dict[str, float] = {}
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        while len(found) < len(_KERNEL_MARKS):
+            try:
+                record = os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten while reading: skip ahead
+                    continue
+                break
+            header, _, text = record.partition(";")
+            fields = header.split(",")  # priority,sequence,microseconds,flags
+            for name, start in _KERNEL_MARKS:
+                if text.startswith(start) and len(fields) > 2 and fields[2].isdigit():
+                    found.setdefault(name, int(fields[2]) / 1e6)
+    finally:
+        os.close(fd)
+    return found
+
+
 def set_clock(time_ns: int) -> bool:
     """Step CLOCK_REALTIME to the host's clock when it is more than a second off."""
     if time_ns <= 0 or abs(time.time_ns() - time_ns) <= 1_000_000_000:

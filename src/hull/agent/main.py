@@ -23,10 +23,14 @@ from __future__ import annotations
 import os
 import sys
 
-from hull.agent.log import log
+from hull.agent.log import log, mark
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: when /init began to run (its first line), for the boot profile."""
+    if started is not None:
+        mark("python", started)
+    mark("main")
     args = sys.argv[1:] if argv is None else argv
     test = "--test" in args
     fd_text = _value(args, "--fd") or os.environ.get("HULL_AGENT_FD")
@@ -35,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         from hull.agent import init
 
         init.early_setup()
+        mark("init")
     elif test:
         _isolate()
     share_dir = _value(args, "--share-dir") if test else None
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                       cgroup_root=_value(args, "--cgroup-root") if test else "/sys/fs/cgroup")
     try:
         server = Server(options, None if fd_text is None else int(fd_text))
+        mark("loaded")
         status = server.run()
     except BaseException:
         if not is_init:

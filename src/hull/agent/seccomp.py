@@ -22,7 +22,10 @@ an unknown action, operator or architecture is an error naming it.
 from __future__ import annotations
 
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 _X32_BIT = 0x40000000
@@ -172,7 +175,6 @@ def _arg_check(asm: _Asm, cond: Any, what: str, fail: str, uid: str) -> None:
     else:
         raise SeccompError(f"{what}.op: unknown operator {op!r}")
     asm.label(passed)
-
 
 
 def compile_profile(profile: Any, what: str = "linux.seccomp") -> Filter:

@@ -11,24 +11,26 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import TYPE_CHECKING, Any
 
 import hull
-from hull.agent import ctrsetup, init, spawn
+from hull.agent import ctrsetup, debug, init, spawn
 from hull.agent import syscalls as sc
 from hull.agent.channel import Channel
 from hull.agent.container import Container, State
-from hull.agent.log import log
+from hull.agent.log import log, mark, marks
 from hull.agent.loop import Loop
 from hull.agent.pipes import Pipes, release, set_winsize, unmount
 from hull.agent.process import Process, Relay, exit_status
 from hull.agent.shares import Shares
 from hull.agent.spec import SpecError, parse_container, parse_process
-
-if TYPE_CHECKING:
-    from hull.agent.cgroup import Cgroup
 from hull.agentapi import framing, schema
 from hull.agentapi.schema import ErrorKind, Method
+
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from hull.agent.cgroup import Cgroup
 
 INIT_GRACE = 1.0  # its pid namespace dies with it: its pipes close on their own
 EXEC_GRACE = 0.2  # a daemonized grandchild may keep an exec's pipes open
@@ -72,6 +74,8 @@ class Server:
         self.stale_cgroups: list[Cgroup] = []
         self.shares = Shares(options.run_dir, options.share_dir)
         self.hello_done = False
+        #: debug_exec processes (in the guest root, outside containers), by exec id
+        self.debug: dict[str, Process] = {}
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.own_pidns = os.readlink("/proc/self/ns/pid")
         self._handlers = {
@@ -84,7 +88,10 @@ class Server:
             Method.DELETE_CONTAINER: self._delete,
             Method.STATS_CONTAINER: self._stats,
             Method.UPDATE_CONTAINER: self._update,
+            Method.CONFIGURE_NETWORK: self._configure_network,
             Method.SHUTDOWN: self._shutdown,
+            Method.SANDBOX_STATS: self._sandbox_stats,
+            Method.DEBUG_EXEC: self._debug_exec,
         }
 
     def run(self) -> int:
@@ -165,9 +172,15 @@ class Server:
             except OSError as exc:
                 log(f"clock: {exc.strerror}")
         self.hello_done = True
+        # One line per host session: `hull logs --agent` shows when the host connected.
+        log(f"hello from the host (protocol {hello.version})")
         version = getattr(hull, "__version__", "0")
+        mark("hello")
+        boot = dict(marks)
+        if self.options.init and os.environ.get("HULL_PROFILE") == "1":
+            boot.update(init.kernel_marks())
         return schema.params(schema.HelloReply(schema.PROTOCOL_VERSION, version,
-                                               os.uname().release))
+                                               os.uname().release, boot))
 
     # ------------------------------------------------------------------ lookups
 
@@ -491,6 +504,69 @@ class Server:
             raise RequestError(ErrorKind.INVALID, str(exc)) from None
         return {}
 
+    # ------------------------------------------------------------------ network
+
+    def _configure_network(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        from hull.agent import network
+        from hull.agentapi.network import NetworkConfig
+
+        config = NetworkConfig.from_json(params)
+        if self.containers:
+            raise RequestError(ErrorKind.STATE, "configure_network: containers exist already")
+        try:
+            for line in network.configure(config):
+                log(f"network: {line}")
+        except LookupError as exc:
+            raise RequestError(ErrorKind.INVALID, f"configure_network: {exc}") from None
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"configure_network: {exc.strerror}"
+                               ) from None
+        return {}
+
+    # ------------------------------------------------------------------ operator
+
+    def _sandbox_stats(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            figures = debug.stats(len(self.containers))
+        except (OSError, ValueError) as exc:
+            raise RequestError(ErrorKind.FAILED, f"sandbox_stats: {exc}") from None
+        return schema.params(schema.SandboxStats.from_json(figures))
+
+    def _debug_exec(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        req = schema.DebugExec.from_json(params)
+        label = f"debug exec {req.exec_id}"
+        if self.options.init and not debug.enabled():
+            raise RequestError(ErrorKind.INVALID, f"{label}: the debug console is disabled "
+                               "(hypervisor.debug_console)")
+        old = self.debug.get(req.exec_id)
+        if old is not None and not old.finished:
+            raise RequestError(ErrorKind.EXISTS, f"{label} already exists")
+        self._check_streams(label, req.stdio, False)
+        env = req.env or list(debug.DEFAULT_ENV)
+        try:
+            path, argv = debug.resolve(req.args, env)
+        except spawn.ExecError as exc:
+            raise RequestError(ErrorKind.FAILED, f"{label}: {exc}") from None
+        try:
+            pipes = Pipes(req.stdio, False)
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"{label}: pipe: {exc.strerror}") from None
+        try:
+            pid = debug.fork_exec(path, argv, env, pipes.child, self.devnull)
+        except OSError as exc:
+            pipes.close_agent_ends()
+            raise RequestError(ErrorKind.FAILED, f"{label}: fork: {exc.strerror}") from None
+        finally:
+            pipes.close_child_ends()
+        proc = Process(schema.GUEST, req.exec_id, req.stdio, False, self.relay, EXEC_GRACE,
+                       self._finished)
+        pipes.attach(proc)
+        proc.pid = pid
+        self.by_pid[pid] = proc
+        self.debug[req.exec_id] = proc
+        log(f"{label}: {' '.join(req.args)[:200]} (pid {pid})")
+        return schema.params(schema.ProcessPid(pid))
+
     # ------------------------------------------------------------------ reaping
 
     def _reap(self) -> None:
@@ -521,6 +597,13 @@ class Server:
 
     def _finished(self, proc: Process) -> None:
         """proc was reaped and its output streams are closed."""
+        if proc.container_id == schema.GUEST and self.debug.get(proc.exec_id) is proc:
+            del self.debug[proc.exec_id]
+            assert proc.wait_status is not None
+            status, sig = exit_status(proc.wait_status)
+            self._control(framing.Kind.EVENT, schema.ProcessExit(
+                schema.GUEST, proc.exec_id, status, sig).to_json())
+            return
         ctr = self.containers.get(proc.container_id)
         if ctr is None:
             return

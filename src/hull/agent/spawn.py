@@ -28,13 +28,16 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from typing import NoReturn
 
 from hull.agent import caps, rootfs
 from hull.agent import syscalls as sc
 from hull.agent.loop import reset_child_signals
 from hull.agent.seccomp import Filter
 from hull.agent.spec import DEFAULT_PATH, ContainerSpec, IdMap, ProcessSpec
+
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 # setns order for an exec: the user namespace first (it owns the others), the mount
 # namespace last, as it changes root and cwd (and so where /proc/<pid>/ns is found).

@@ -7,15 +7,17 @@ the checks here only guard the agent against shapes it cannot act on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from hull.agent import syscalls as sc
 from hull.agent.caps import Caps, CapsError
 from hull.agent.caps import parse as parse_caps
 
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from hull.agent.cgroup import Resources
     from hull.agent.seccomp import Filter
+
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_ID = 2**32 - 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 
 HEADER = struct.Struct(">BBHII")
 HEADER_SIZE = HEADER.size
@@ -48,12 +47,39 @@ class FrameError(ValueError):
     """The peer sent bytes that are not a valid frame."""
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
+    """One frame (immutable). A plain class, not a dataclass: it is made for every frame
+    on both sides, and the guest agent must not import dataclasses (see records.py)."""
+
+    __slots__ = ("flags", "kind", "payload", "stream")
     kind: Kind
     stream: int
-    payload: bytes = b""
-    flags: int = 0
+    payload: bytes
+    flags: int
+
+    def __init__(self, kind: Kind, stream: int, payload: bytes = b"", flags: int = 0) -> None:
+        _set = object.__setattr__
+        _set(self, "kind", kind)
+        _set(self, "stream", stream)
+        _set(self, "payload", payload)
+        _set(self, "flags", flags)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a Frame")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Frame:
+            return NotImplemented
+        assert isinstance(other, Frame)
+        return (self.kind, self.stream, self.payload, self.flags) == (
+            other.kind, other.stream, other.payload, other.flags)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.stream, self.payload, self.flags))
+
+    def __repr__(self) -> str:
+        return (f"Frame(kind={self.kind!r}, stream={self.stream!r}, payload="
+                f"{self.payload!r}, flags={self.flags!r})")
 
     def encode(self) -> bytes:
         if len(self.payload) > MAX_PAYLOAD:

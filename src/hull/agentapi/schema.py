@@ -18,8 +18,15 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+
+# The guest agent imports this module at every boot: no dataclasses, no typing at run time
+# (hull.agentapi.records says why). Type checkers see the real dataclasses.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dataclasses import asdict, dataclass, field
+    from typing import Any
+else:
+    from hull.agentapi.records import asdict, dataclass, field
 
 PROTOCOL_VERSION = 1
 MAX_ID_LEN = 1024
@@ -41,7 +48,15 @@ class Method(enum.StrEnum):
     DELETE_CONTAINER = "delete_container"
     STATS_CONTAINER = "stats_container"
     UPDATE_CONTAINER = "update_container"
+    #: params: hull.agentapi.network.NetworkConfig; after hello, before any container
+    CONFIGURE_NETWORK = "configure_network"
     SHUTDOWN = "shutdown"
+    #: Guest-wide figures: memory, CPU time, container count (hull monitor).
+    SANDBOX_STATS = "sandbox_stats"
+    #: A process in the guest itself, outside every container (hull debug); only when
+    #: hypervisor.debug_console is set (the proxy refuses it otherwise, and so does the
+    #: agent unless the kernel command line carries hull.debug_console=1).
+    DEBUG_EXEC = "debug_exec"
     # Answered by the proxy itself, never forwarded to the agent: they act on the VM.
     PAUSE_SANDBOX = "pause_sandbox"
     RESUME_SANDBOX = "resume_sandbox"
@@ -212,11 +227,35 @@ class HelloReply:
     version: int
     agent_version: str
     kernel_release: str
+    #: Boot milestones of the agent (name -> seconds of guest CLOCK_MONOTONIC): "python"
+    #: (/init began), "main", "init" (mounts done), "loaded", "port", "hello"; with
+    #: HULL_PROFILE=1 on the kernel command line also the kernel's "kernel.unpack",
+    #: "kernel.unpacked" and "kernel.init" (/init executed). Informational only.
+    boot: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> HelloReply:
         return cls(get_int(o, "version", 0, 2**31), get_str(o, "agent_version", max_len=64),
-                   get_str(o, "kernel_release", max_len=256))
+                   get_str(o, "kernel_release", max_len=256), _marks(o, "boot"))
+
+
+MAX_MARKS = 32
+
+
+def _marks(o: dict[str, Any], key: str) -> dict[str, float]:
+    """A {name: seconds} object of at most MAX_MARKS short names and sane times."""
+    value = _obj(o.get(key, {}), key)
+    if len(value) > MAX_MARKS:
+        raise SchemaError(f"{key} has more than {MAX_MARKS} entries")
+    marks: dict[str, float] = {}
+    for name, when in value.items():
+        if len(name) > 32:
+            raise SchemaError(f"{key}: a name is longer than 32 characters")
+        if (not isinstance(when, int | float) or isinstance(when, bool)
+                or not 0 <= when <= 1e7):  # also refuses NaN
+            raise SchemaError(f"{key}.{name} must be a number of seconds")
+        marks[name] = float(when)
+    return marks
 
 
 MAX_SHARE_PATH = 4096
@@ -422,6 +461,60 @@ class ContainerStats:
             get_opt_int(o, "swap_max", 0, MAX_COUNTER), _counters(o, "memory_stat"),
             _counters(o, "memory_events"), get_int(o, "pids_current", 0, MAX_COUNTER),
             get_opt_int(o, "pids_max", 0, MAX_COUNTER), io)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxStats:
+    """Reply to sandbox_stats: the guest's own figures (/proc/meminfo, /proc/stat)."""
+
+    memory_total: int = 0  # bytes
+    memory_available: int = 0  # bytes
+    cpu_user_usec: int = 0
+    cpu_system_usec: int = 0
+    cpu_idle_usec: int = 0
+    containers: int = 0
+    uptime_usec: int = 0
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> SandboxStats:
+        return cls(*(get_int(o, f, 0, MAX_COUNTER) for f in (
+            "memory_total", "memory_available", "cpu_user_usec", "cpu_system_usec",
+            "cpu_idle_usec", "containers", "uptime_usec")))
+
+
+#: The container id of a debug_exec process in events and routing: the guest itself.
+GUEST = ""
+MAX_ARGS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class DebugExec:
+    """Run ``args`` in the guest's root, outside any container, with stdio on streams.
+
+    Its exit comes as a process_exit event with container_id "" (:data:`GUEST`).
+    """
+
+    exec_id: str
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    stdio: Stdio = field(default_factory=Stdio)
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> DebugExec:
+        def strings(key: str) -> list[str]:
+            value = o.get(key, [])
+            if not isinstance(value, list) or len(value) > MAX_ARGS or not all(
+                    isinstance(v, str) and len(v) <= MAX_TEXT for v in value):
+                raise SchemaError(f"{key} must be a list of strings")
+            return value
+
+        exec_id = get_str(o, "exec_id", max_len=MAX_ID_LEN)
+        if not exec_id:
+            raise SchemaError("exec_id must not be empty")
+        args = strings("args")
+        if not args or not args[0]:
+            raise SchemaError("args must name a program")
+        return cls(exec_id, args, strings("env"), Stdio.from_json(o.get("stdio", {})))
 
 
 def params(payload: Any) -> dict[str, Any]:

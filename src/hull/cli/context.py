@@ -65,7 +65,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(log_path: str | None, log_format: str, debug: bool) -> None:
+class ContainerIdFilter(logging.Filter):
+    """Stamps every record with the container id the process serves (unless it has one)."""
+
+    def __init__(self, container_id: str) -> None:
+        super().__init__()
+        self.container_id = container_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "container_id", None):
+            record.container_id = self.container_id
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        cid = getattr(record, "container_id", None)
+        if cid:
+            head, _, rest = text.partition(f" {record.levelname} ")
+            text = f"{head} {record.levelname} [{cid}] {rest}"
+        return text
+
+
+def setup_logging(log_path: str | None, log_format: str, debug: bool,
+                  container_id: str | None = None) -> None:
+    """Logging of every Hull process (runtime, proxy, shim): --log, --log-format, --debug.
+
+    ``container_id``: the container the process works for; every record carries it (as
+    "id" in JSON, as runc does, and "[id]" in text).
+    """
     root = logging.getLogger("hull")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -82,5 +114,7 @@ def setup_logging(log_path: str | None, log_format: str, debug: bool) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter())
+    if container_id:
+        handler.addFilter(ContainerIdFilter(container_id))
     root.addHandler(handler)

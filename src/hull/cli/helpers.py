@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 from hull.cli.context import Context, setup_logging
+from hull.config.annotations import apply_annotations
 from hull.errors import HullError
+from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
 from hull.runtime import proxyd, shim
 from hull.runtime.run import ROOTFS_TAG, rootfs_share
@@ -45,20 +47,29 @@ def _hidden(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str)
 
 def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
     cdir = ContainerDir(ctx.root, args.container_id)
+    if ctx.log_path is None:
+        # Our stderr is proxy.log already; log there at the level --debug asks for.
+        setup_logging(str(cdir.path / "proxy.log"), ctx.log_format, ctx.debug,
+                      container_id=cdir.id)
     try:
         bundle = oci_bundle.load(args.bundle)
+        # Per-pod overrides (io.hull.config.*), only for keys the allow-list names.
+        config = apply_annotations(ctx.config, bundle.annotations)
+        network = netns.choose(bundle.spec)  # refuses the host's network namespace
     except HullError as exc:
+        log.error("%s", exc)
         os.write(args.ready_fd, f"{exc}\n".encode())
         return 1
-    return asyncio.run(proxyd.serve(ctx.config, ctx.root, cdir, (rootfs_share(bundle),),
-                                    args.ready_fd))
+    return asyncio.run(proxyd.serve(config, ctx.root, cdir, (rootfs_share(bundle),),
+                                    args.ready_fd, network))
 
 
 def run_shim(ctx: Context, args: argparse.Namespace) -> int:
     cdir = ContainerDir(ctx.root, args.container_id)
     if ctx.log_path is None:
         # stderr is the container's: the shim must never write its own messages there.
-        setup_logging(str(cdir.path / "shim.log"), ctx.log_format, ctx.debug)
+        setup_logging(str(cdir.path / "shim.log"), ctx.log_format, ctx.debug,
+                      container_id=cdir.id)
     try:
         if args.bundle:
             bundle = oci_bundle.load(args.bundle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     build.add_argument("--compression", choices=initrd.COMPRESSIONS,
                        default=initrd.DEFAULT_COMPRESSION,
                        help="initrd compression (default: %(default)s)")
+    build.add_argument("--with-busybox", action="store_true",
+                       help="add a static busybox as /bin/busybox: a shell and tools for "
+                       "`hull debug` (with hypervisor.debug_console = true)")
     build.set_defaults(func=_build)
 
     status = actions.add_parser("status", help="tell whether the current image is up to date")
@@ -39,7 +43,8 @@ def _build(ctx: Context, args: argparse.Namespace) -> int:
     start = time.monotonic()
     with _progress() as progress:
         result = initrd.build_image(ctx.config, arch=args.arch, force=args.force,
-                                    compression=args.compression, progress=progress)
+                                    compression=args.compression, progress=progress,
+                                    with_busybox=args.with_busybox)
     m = result.asset.manifest
     if not result.built:
         print(f"image {result.asset.key} is up to date")
@@ -81,7 +86,7 @@ def _mb(size: object) -> str:
 def _progress() -> Iterator[initrd.Progress]:
     """A live status line per phase on a terminal, short plain lines otherwise (stderr)."""
     console = Console(stderr=True)
-    if not console.is_terminal:
+    if not console.is_terminal or os.environ.get("CI"):  # as hull.image.kernel
         def plain(phase: str, message: str) -> None:
             print(f"{phase}: {message}", file=sys.stderr, flush=True)
         yield plain

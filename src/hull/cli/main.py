@@ -16,7 +16,9 @@ from hull import __version__
 from hull.cli import (
     check,
     create,
+    debug,
     delete,
+    env,
     events,
     exec_,
     features,
@@ -25,6 +27,8 @@ from hull.cli import (
     kernel,
     kill,
     list_,
+    logs,
+    monitor,
     pause,
     ps,
     run,
@@ -37,7 +41,7 @@ from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
 from hull.errors import HullError
 
 VERBS = (create, start, run, state, kill, delete, exec_, ps, list_, pause, spec, features,
-         check, kernel, image, helpers, events, update)
+         check, kernel, image, helpers, events, update, env, logs, debug, monitor)
 log = logging.getLogger("hull")
 
 
@@ -84,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    setup_logging(args.log, args.log_format, args.debug)
+    setup_logging(args.log, args.log_format, args.debug,
+                  container_id=getattr(args, "container_id", None))
     ctx = Context.from_args(args)
     try:
         code: int = args.func(ctx, args)

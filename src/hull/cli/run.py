@@ -11,6 +11,7 @@ import argparse
 from hull.cli.common import runtime
 from hull.cli.context import Context
 from hull.cli.create import add_create_flags, warn_preserve_fds
+from hull.config.annotations import apply_annotations
 from hull.oci import bundle as oci_bundle
 from hull.runtime import run as runtime_run
 from hull.runtime.lifecycle import write_pid_file
@@ -45,4 +46,5 @@ def execute(ctx: Context, args: argparse.Namespace) -> int:
         import os
 
         write_pid_file(args.pid_file, os.getpid())
-    return runtime_run.run(ctx.config, ctx.root, args.container_id, bundle)
+    config = apply_annotations(ctx.config, bundle.annotations)
+    return runtime_run.run(config, ctx.root, args.container_id, bundle)

@@ -45,10 +45,28 @@ class HypervisorConfig:
 @dataclass
 class RuntimeConfig:
     asset_dir: str = "/var/lib/hull"
+    #: "section.key" names a pod may override with an io.hull.config.<section>.<key>
+    #: annotation (see hull.config.annotations); empty: no overrides.
+    annotation_allowlist: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         if not os.path.isabs(self.asset_dir):
             raise ConfigError(f"runtime.asset_dir must be an absolute path, not {self.asset_dir!r}")
+        for name in self.annotation_allowlist:
+            section, _, key = name.partition(".")
+            if section not in SECTIONS or key not in {
+                    f.name for f in fields(SECTIONS[section])}:
+                raise ConfigError(f"runtime.annotation_allowlist: {name!r} is not a "
+                                  "configuration key (section.key)")
+            if name in NOT_OVERRIDABLE:
+                raise ConfigError(f"runtime.annotation_allowlist: {name} cannot be "
+                                  "overridden by annotations")
+
+
+#: The tables of configuration.toml and the dataclass of each.
+SECTIONS: dict[str, type[Any]] = {"hypervisor": HypervisorConfig, "runtime": RuntimeConfig}
+#: Keys no annotation may set, whatever the allow-list says.
+NOT_OVERRIDABLE = frozenset({"runtime.annotation_allowlist", "runtime.asset_dir"})
 
 
 @dataclass
@@ -60,6 +78,15 @@ class Config:
     @property
     def asset_dir(self) -> Path:
         return Path(self.runtime.asset_dir)
+
+    def check(self) -> None:
+        self.hypervisor.check()
+        self.runtime.check()
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """The effective settings, one table per section (as configuration.toml)."""
+        return {name: {f.name: getattr(getattr(self, name), f.name)
+                       for f in fields(getattr(self, name))} for name in SECTIONS}
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -81,6 +108,10 @@ def _fill(section: Any, name: str, table: Any, source: Path) -> None:
             raise ConfigError(f"{source}: unknown key {name}.{key}")
         want = type(getattr(section, key))
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is list:
+            ok = ok and all(isinstance(item, str) for item in value)
+            if not ok:
+                raise ConfigError(f"{source}: {name}.{key} must be a list of strings")
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
@@ -106,10 +137,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     else:
         config.source = source
     for name, table in data.items():
-        section = getattr(config, name, None) if name in ("hypervisor", "runtime") else None
+        section = getattr(config, name, None) if name in SECTIONS else None
         if section is None:
             raise ConfigError(f"{source}: unknown table [{name}]")
         _fill(section, name, table, source)
-    config.hypervisor.check()
-    config.runtime.check()
+    config.check()
     return config

@@ -32,6 +32,15 @@ class Share:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net device backed by a tap device Hull opened: QEMU inherits ``tap_fd``."""
+
+    mac: str
+    tap_fd: int
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
 class VMConfig:
     """Everything a driver needs to start one sandbox VM. Pure data: no side effects."""
 
@@ -48,6 +57,10 @@ class VMConfig:
     sandbox: bool = True
     #: host TSC frequency for tsc_early_khz (0: unknown); avoids a slow PIT calibration.
     tsc_khz: int = 0
+    #: network devices (the container's network namespace, see hull.network.host)
+    nics: tuple[Nic, ...] = ()
+    #: run QEMU in this network namespace (an open fd; -1: the caller's own)
+    netns_fd: int = -1
     extra_args: tuple[str, ...] = field(default=())
 
 

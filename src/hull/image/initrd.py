@@ -40,7 +40,7 @@ from hull.image.store import IMAGE, KERNEL, Asset, AssetStore
 from hull.image.trim import ModuleSet, compile_to, find_modules, package_modules
 
 # Bump when the image's content changes for the same inputs (layout, trimming, /init ...).
-BUILD_RECIPE_VERSION = 1
+BUILD_RECIPE_VERSION = 2
 
 PYTHON_VERSION = (3, 11)
 PYTHON = f"python{PYTHON_VERSION[0]}.{PYTHON_VERSION[1]}"
@@ -63,12 +63,15 @@ DEFAULT_COMPRESSION = "gzip"
 
 INIT = f"""#!{GUEST_PYTHON} -S
 # Hull guest init (PID 1): the agent, from the sourceless .pyc under {GUEST_HULL}.
+from time import monotonic
+
+started = monotonic()  # for the boot profile: when python was up and running /init
 import sys
 
 sys.path[0] = "{GUEST_HULL}"
 from hull.agent.main import main
 
-sys.exit(main())
+sys.exit(main(started=started))
 """
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
@@ -112,7 +115,8 @@ def agent_hash(package_dir: Path | None = None) -> str:
 
 
 def image_key(agent: str, packages: Mapping[str, str], arch: str, kernel_key: str | None,
-              compression: str, init_override: str | None = None) -> str:
+              compression: str, init_override: str | None = None,
+              busybox: str | None = None) -> str:
     recipe: dict[str, object] = {
         "recipe": BUILD_RECIPE_VERSION, "agent_hash": agent, "arch": arch,
         "packages": dict(sorted(packages.items())), "kernel_key": kernel_key,
@@ -120,6 +124,8 @@ def image_key(agent: str, packages: Mapping[str, str], arch: str, kernel_key: st
     }
     if init_override is not None:
         recipe["init_override"] = hashlib.sha256(init_override.encode()).hexdigest()
+    if busybox is not None:
+        recipe["busybox"] = busybox
     blob = json.dumps(recipe, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -197,8 +203,12 @@ class BuildResult:
 
 def build_image(config: Config, *, arch: str | None = None, force: bool = False,
                 compression: str = DEFAULT_COMPRESSION, init_override: str | None = None,
-                publish: bool = True, progress: Progress = _quiet) -> BuildResult:
+                publish: bool = True, progress: Progress = _quiet,
+                with_busybox: bool = False) -> BuildResult:
     """Build (or find up to date) the guest image and make it current.
+
+    ``with_busybox`` adds the host's static busybox as /bin/busybox: the shell and tools
+    of `hull debug` (the image has none otherwise).
 
     ``init_override`` replaces /init with the given text: for boot tests only, never
     published unless asked, and marked in the manifest so the runtime refuses it as stale.
@@ -214,6 +224,7 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     kmods = kernel_modules(store)
     agent = agent_hash()
     apt = debs.Apt(arch)
+    busybox = busybox_hash() if with_busybox else None
 
     progress("resolve", f"package versions for {arch}")
     current = store.current(IMAGE)
@@ -221,7 +232,8 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     if current and current.manifest.get("arch") == arch and current.manifest.get("packages"):
         names = tuple(current.manifest["packages"])
     versions = {n: p.version for n, p in apt.show(names).items()}
-    key = image_key(agent, versions, arch, kmods.kernel_key, compression, init_override)
+    key = image_key(agent, versions, arch, kmods.kernel_key, compression, init_override,
+                    busybox)
     existing = store.get(IMAGE, key)
     if not force and existing and (existing.path / "initrd.img").is_file():
         if publish and (current is None or current.key != key):
@@ -233,9 +245,16 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
         pset = debs.PackageSet(apt, debs.DebCache(config.asset_dir / "debs", apt),
                                debs.PackageTree(work / "pkgs"), info.triplet, progress)
         staged = _stage(pset, work, info.machine, kmods, init_override, progress)
+        if with_busybox:
+            progress("busybox", f"{BUSYBOX} as /bin/busybox")
+            dest = work / "root" / "bin" / "busybox"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(BUSYBOX, dest)
+            dest.chmod(0o755)
         packages = {n: pset.packages[n].version for n in sorted(staged.packages)}
         agent = staged.agent_hash  # of the files staged, should they have changed meanwhile
-        key = image_key(agent, packages, arch, kmods.kernel_key, compression, init_override)
+        key = image_key(agent, packages, arch, kmods.kernel_key, compression, init_override,
+                        busybox)
         if arch == debs.host_arch():
             progress("verify", "importing the agent in a chroot of the image")
             verify_imports(work / "root", staged.import_check)
@@ -262,6 +281,7 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
                 "python_modules": staged.modules.names,
                 "kernel_modules": [f.name for f in kmods.files],
                 "init_override": init_override is not None,
+                "busybox": with_busybox,
             }
             store.write_manifest(out_dir, manifest)
     if publish:
@@ -269,6 +289,18 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     asset = store.get(IMAGE, key)
     assert asset is not None
     return BuildResult(asset, built=True)
+
+
+#: The host's static busybox (Debian's busybox-static), copied in by --with-busybox.
+BUSYBOX = Path("/bin/busybox")
+
+
+def busybox_hash() -> str:
+    try:
+        return hashlib.sha256(BUSYBOX.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise AssetError(f"--with-busybox needs {BUSYBOX} ({exc.strerror}): "
+                         "apt-get install busybox-static") from exc
 
 
 @dataclass(frozen=True)

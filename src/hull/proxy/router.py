@@ -71,6 +71,8 @@ class Router:
         self.on_violation = on_violation
         self.on_exit = on_exit
         self.on_proxy_request = on_proxy_request
+        #: debug_exec is forwarded only when the configuration enables the debug console
+        self.allow_debug = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.hello_reply: dict[str, Any] | None = None
         self.failure: str | None = None
@@ -262,8 +264,15 @@ class Router:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
+        if request.method is schema.Method.DEBUG_EXEC and not self.allow_debug:
+            client.send(Frame(Kind.RESPONSE, 0, schema.encode(schema.Response(
+                request.id, error_kind=schema.ErrorKind.INVALID,
+                error_message=f"{self.name}: the debug console is disabled: set "
+                "hypervisor.debug_console = true in the configuration").to_json())))
+            return
         params = request.params
-        if request.method in (schema.Method.CREATE_CONTAINER, schema.Method.EXEC_PROCESS):
+        if request.method in (schema.Method.CREATE_CONTAINER, schema.Method.EXEC_PROCESS,
+                              schema.Method.DEBUG_EXEC):
             params = self._map_process(client, request.method, params)
         rid = next(self._ids)
         self._pending[rid] = (client, request.id)
@@ -287,6 +296,8 @@ class Router:
                      params: dict[str, Any]) -> dict[str, Any]:
         if method is schema.Method.CREATE_CONTAINER:
             key = (schema.CreateContainer.from_json(params).container_id, "")
+        elif method is schema.Method.DEBUG_EXEC:
+            key = (schema.GUEST, schema.DebugExec.from_json(params).exec_id)
         else:
             ex = schema.ExecProcess.from_json(params)
             key = (ex.container_id, ex.exec_id)

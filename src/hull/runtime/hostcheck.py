@@ -1,17 +1,28 @@
-"""Can this host run Hull? One finding per item, each failure with its fix."""
+"""Can this host run Hull? One finding per item, each failure with its fix.
+
+Required items (QEMU and its features, the accelerator, 9p, kernel, image) decide
+whether Hull can run; optional ones (tun, cgroups, containerd, podman) only say what a
+client integration is missing.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from hull.config.settings import Config
 from hull.errors import HullError
 from hull.hypervisor import accel
 from hull.hypervisor.base import Accel
 from hull.image import store
+
+#: QEMU older than this lacks what Hull's command line uses (microvm with PVH, -sandbox).
+MIN_QEMU = (6, 0)
 
 
 @dataclass(frozen=True)
@@ -20,20 +31,65 @@ class Finding:
     ok: bool
     detail: str
     fix: str = ""
+    #: False: a failure is reported but Hull can still run containers.
+    required: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                          check=False).stdout
+
+
+def qemu_version(binary: str) -> tuple[str, tuple[int, int] | None]:
+    """The first line of ``qemu --version`` and its (major, minor)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout.splitlines()[0]
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    return out, (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def check_qemu(config: Config) -> tuple[Finding, str | None]:
     binary = shutil.which(config.hypervisor.path)
     if not binary:
-        return Finding("qemu", False, f"{config.hypervisor.path} not found",
-                       "apt-get install qemu-system-x86 (or set hypervisor.path)"), None
+        where = ("" if os.sep in config.hypervisor.path
+                 else f" on PATH ({os.environ.get('PATH', '')})")
+        return Finding("qemu", False, f"QEMU ({config.hypervisor.path}) not found{where}",
+                       "apt-get install qemu-system-x86 (or set hypervisor.path in "
+                       "the configuration to the QEMU binary)"), None
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.splitlines()[0]
+        out, version = qemu_version(binary)
     except (OSError, subprocess.SubprocessError, IndexError) as exc:
         return Finding("qemu", False, f"{binary} --version failed: {exc}",
                        "reinstall qemu-system-x86"), None
+    if version is not None and version < MIN_QEMU:
+        return Finding("qemu", False, f"{binary}: {out}: older than "
+                       f"{MIN_QEMU[0]}.{MIN_QEMU[1]}",
+                       "install a newer qemu-system-x86 (Debian 12's 7.2 works)"), None
     return Finding("qemu", True, f"{binary}: {out}"), binary
+
+
+def check_qemu_features(config: Config, binary: str) -> Finding:
+    """The machine type and the virtio devices Hull's command line names."""
+    from hull.hypervisor.qemu.argv import machine_for
+
+    try:
+        machines, devices = _run([binary, "-machine", "help"]), _run([binary, "-device", "help"])
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Finding("qemu-features", False, f"cannot ask qemu: {exc}", "reinstall qemu")
+    machine = machine_for(config.hypervisor.machine_type)
+    missing = [] if re.search(rf"^{re.escape(config.hypervisor.machine_type)}\s", machines,
+                              re.MULTILINE) else [f"machine {config.hypervisor.machine_type}"]
+    wanted = [machine.device("serial"), "virtserialport", machine.device("rng")]
+    missing += [d for d in wanted if f'"{d}"' not in devices]
+    if missing:
+        return Finding("qemu-features", False, f"qemu lacks {', '.join(missing)}",
+                       "install Debian's qemu-system-x86 (or set hypervisor.machine_type "
+                       "to one this qemu has)")
+    return Finding("qemu-features", True,
+                   f"machine {config.hypervisor.machine_type}, {', '.join(wanted)}")
 
 
 def check_9p(binary: str) -> Finding:
@@ -42,7 +98,7 @@ def check_9p(binary: str) -> Finding:
                              timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return Finding("9p", False, f"cannot list qemu devices: {exc}", "reinstall qemu")
-    if "virtio-9p-device" not in out:
+    if "virtio-9p" not in out:
         return Finding("9p", False, "qemu lacks virtio-9p (the rootfs is shared over 9p)",
                        "install Debian's qemu-system-x86, which has 9p built in")
     return Finding("9p", True, "qemu has virtio-9p")
@@ -84,20 +140,103 @@ def check_image(config: Config) -> Finding:
                              "fix hypervisor.image or clear it and run `hull image build`"))
     from hull.image import initrd
 
-    current = store.AssetStore(config.asset_dir).current(store.IMAGE)
-    if current is None or not (current.path / "initrd.img").is_file():
+    status = initrd.current_image_status(config)
+    if status.asset is None or status.initrd is None:
         return Finding("image", False, f"no guest image in {config.asset_dir}",
                        "hull image build")
-    if current.manifest.get("agent_hash") != initrd.agent_hash():
-        return Finding("image", False, f"{current.path} holds an agent older than this hull",
+    if status.stale:
+        return Finding("image", False, f"{status.asset.path} is stale: {status.reason}",
                        "hull image build")
-    return Finding("image", True, f"{current.path / 'initrd.img'} (agent up to date)")
+    agent = str(status.asset.manifest.get("agent_hash", "?"))[:12]
+    return Finding("image", True, f"{status.initrd} (agent {agent} matches this hull, "
+                   "kernel modules match the kernel)")
+
+
+def check_tun(path: str = "/dev/net/tun") -> Finding:
+    if os.path.exists(path):
+        return Finding("tun", True, f"{path} present (for container networking)",
+                       required=False)
+    return Finding("tun", False, f"{path} is missing: sandboxes cannot get a network "
+                   "device", "modprobe tun (and load it at boot: echo tun >> /etc/modules)",
+                   required=False)
+
+
+def check_cgroups(mount: str = "/sys/fs/cgroup") -> Finding:
+    """Host cgroups: containers' cgroups live in the guest; the host's hold Hull's
+    processes (the shim v2 and its VM), which containerd places by cgroup path."""
+    root = Path(mount)
+    if (root / "cgroup.controllers").exists():
+        return Finding("cgroups", True, f"cgroup v2 at {mount}", required=False)
+    if (root / "unified" / "cgroup.controllers").exists():
+        return Finding("cgroups", True, f"hybrid cgroups (v1, v2 at {mount}/unified); "
+                       "container limits are enforced in the guest", required=False)
+    if (root / "memory").is_dir():
+        return Finding("cgroups", True, f"cgroup v1 at {mount}; container limits are "
+                       "enforced in the guest", required=False)
+    return Finding("cgroups", False, f"no cgroup hierarchy mounted at {mount}",
+                   "mount cgroup2 at /sys/fs/cgroup (systemd does this at boot)",
+                   required=False)
+
+
+CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
+SHIM_V2 = "containerd-shim-hull-v2"
+CONTAINERS_CONF = (Path("/etc/containers/containers.conf"),
+                   Path("/usr/share/containers/containers.conf"))
+
+
+def check_containerd(config_file: Path = CONTAINERD_CONFIG) -> Finding:
+    binary = shutil.which("containerd")
+    if not binary:
+        return Finding("containerd", False, "containerd not found (only needed for "
+                       "containerd, CRI and Kubernetes)", "apt-get install containerd",
+                       required=False)
+    if not shutil.which(SHIM_V2):
+        return Finding("containerd", False, f"{binary} found, but {SHIM_V2} is not on PATH",
+                       f"ln -s /opt/hull/venv/bin/{SHIM_V2} /usr/local/bin/", required=False)
+    try:
+        text = config_file.read_text()
+    except OSError:
+        text = ""
+    if "io.containerd.hull.v2" not in text:
+        return Finding("containerd", False, f"{binary} found; {config_file} has no hull "
+                       "runtime (ctr --runtime io.containerd.hull.v2 works; CRI does not)",
+                       "merge deploy/containerd-hull.toml into /etc/containerd/config.toml "
+                       "and systemctl restart containerd", required=False)
+    return Finding("containerd", True, f"{binary}; {SHIM_V2} on PATH; runtime "
+                   f"io.containerd.hull.v2 in {config_file}", required=False)
+
+
+def check_podman(confs: tuple[Path, ...] = CONTAINERS_CONF) -> Finding:
+    binary = shutil.which("podman")
+    if not binary:
+        return Finding("podman", False, "podman not found (only needed for podman)",
+                       "apt-get install podman", required=False)
+    home = os.environ.get("HOME")
+    paths = [*confs, *([Path(home) / ".config/containers/containers.conf"] if home else [])]
+    for conf in paths:
+        try:
+            text = conf.read_text()
+        except OSError:
+            continue
+        if re.search(r"^\s*hull\s*=", text, re.MULTILINE):
+            return Finding("podman", True, f"{binary}; runtime hull in {conf}",
+                           required=False)
+    return Finding("podman", False, f"{binary} found; no hull runtime in containers.conf "
+                   "(podman --runtime /usr/local/bin/hull works)",
+                   "add to /etc/containers/containers.conf: [engine.runtimes] "
+                   'hull = ["/usr/local/bin/hull"]', required=False)
 
 
 def run_checks(config: Config, state_root: Path | None = None) -> list[Finding]:
     qemu, binary = check_qemu(config)
     findings = [qemu]
     if binary:
-        findings += [check_accel(config, binary, state_root), check_9p(binary)]
-    findings += [check_kernel(config), check_image(config)]
+        findings += [check_qemu_features(config, binary),
+                     check_accel(config, binary, state_root), check_9p(binary)]
+    findings += [check_kernel(config), check_image(config), check_tun(), check_cgroups(),
+                 check_containerd(), check_podman()]
     return findings
+
+
+def healthy(findings: list[Finding]) -> bool:
+    return all(f.ok for f in findings if f.required)

@@ -28,6 +28,7 @@ from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HullError
 from hull.hypervisor.base import Share
+from hull.network import host as netns
 from hull.proxy.router import Router
 from hull.runtime.sandbox import Sandbox
 from hull.runtime.state import ContainerDir
@@ -49,6 +50,8 @@ def short_path(path: Path) -> str:
 
 
 def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
+    if event.container_id == schema.GUEST:
+        return  # a `hull debug` process: its client got the exit
     exits = cdir.path / "exits"
     exits.mkdir(exist_ok=True)
     name = event.exec_id or "init"
@@ -59,8 +62,10 @@ def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
 
 
 async def serve(config: Config, root: Path, cdir: ContainerDir,
-                shares: tuple[Share, ...], ready_fd: int) -> int:
-    sandbox = Sandbox(config, cdir.id, cdir.console_log, shares, state_root=root)
+                shares: tuple[Share, ...], ready_fd: int,
+                network: netns.Choice | None = None) -> int:
+    sandbox = Sandbox(config, cdir.id, cdir.console_log, shares, state_root=root,
+                      network=network)
     stop = asyncio.Event()
 
     def violation(why: str) -> None:
@@ -81,11 +86,13 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
     router = Router(f"sandbox {cdir.id}", violation,
                     on_exit=lambda event: record_exit(cdir, event),
                     on_proxy_request=proxy_request)
+    router.allow_debug = config.hypervisor.debug_console
     server: asyncio.base_events.Server | None = None
     try:
         await sandbox.boot()
         await router.attach(sandbox.vm_socket())
         router.hello_reply = schema.params(await sandbox.handshake(router.call))
+        record_sandbox(cdir, sandbox)
 
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await router.serve_client(reader, writer, "client")
@@ -123,7 +130,21 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         await router.close()
         if sandbox.vm is not None:
             await sandbox.vm.stop(timeout=1.0)
+        sandbox.release_network()
         (cdir.path / SOCKET_NAME).unlink(missing_ok=True)
+
+
+#: Facts about the running sandbox for `hull monitor` and `hull logs` (written once).
+SANDBOX_FILE = "sandbox.json"
+
+
+def record_sandbox(cdir: ContainerDir, sandbox: Sandbox) -> None:
+    info = {"proxy_pid": os.getpid(), "vm_pid": sandbox.vm.pid if sandbox.vm else 0,
+            "boot_seconds": round(sandbox.boot_seconds, 6), "booted_at": time.time()}
+    tmp = cdir.path / f".{SANDBOX_FILE}.tmp"
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(info))
+        tmp.replace(cdir.path / SANDBOX_FILE)
 
 
 def report(fd: int, message: str) -> bool:

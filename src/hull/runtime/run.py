@@ -23,10 +23,11 @@ from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HypervisorError
 from hull.hypervisor.base import Share
+from hull.network import host as netns
 from hull.oci.bundle import Bundle
 from hull.runtime import hooks
 from hull.runtime.lifecycle import oci_state
-from hull.runtime.sandbox import Sandbox
+from hull.runtime.sandbox import Sandbox, Timeline
 from hull.runtime.state import ContainerDir, ContainerState, Status
 from hull.runtime.stdio import HostStdio, ProcessIO
 
@@ -76,6 +77,7 @@ def with_console_size(bundle: Bundle) -> dict[str, object]:
 
 
 async def run_container(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
+    timeline = Timeline()
     cdir = ContainerDir(root, container_id)
     cdir.create()
     try:
@@ -85,16 +87,20 @@ async def run_container(config: Config, root: Path, container_id: str, bundle: B
                                    annotations=bundle.annotations)
             cdir.save(state)
             with raw_terminal(0) if bundle.terminal else contextlib.nullcontext():
-                return await _run_in_vm(config, root, cdir, state, bundle)
+                return await _run_in_vm(config, root, cdir, state, bundle, timeline)
     finally:
         cdir.remove()
+        timeline.mark("cleanup")
+        log.debug("run %s timing: %s", container_id, timeline.describe())
 
 
 async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: ContainerState,
-                     bundle: Bundle) -> int:
+                     bundle: Bundle, timeline: Timeline) -> int:
     cid = cdir.id
+    timeline.mark("setup")
     async with Sandbox(config, cid, cdir.console_log, (rootfs_share(bundle),),
-                       state_root=root) as sandbox:
+                       state_root=root, network=netns.choose(bundle.spec)) as sandbox:
+        timeline.mark("boot")
         assert sandbox.channel is not None and sandbox.vm is not None
         state.vm_pid = sandbox.vm.pid or 0
         exited = sandbox.exit_future(cid)
@@ -103,11 +109,13 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
                                          schema.RootfsShare(ROOTFS_TAG, bundle.readonly_rootfs),
                                          io.streams)
         await sandbox.call(schema.Method.CREATE_CONTAINER, request)
+        timeline.mark("create")
         state.status, state.pid = Status.CREATED, os.getpid()
         cdir.save(state)
         await _hooks(bundle, state, "prestart", "createRuntime", "createContainer")
         io.start_input()
         await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
+        timeline.mark("start")
         state.status = Status.RUNNING
         cdir.save(state)
         await _hooks(bundle, state, "startContainer", "poststart")
@@ -121,9 +129,12 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
                 vm_died.cancel()
             if exited not in done:
                 raise HypervisorError(f"vm of container {cid} died: {vm_died.result()}")
+            timeline.mark("run")
             await io.drain()
+            timeline.mark("drain")
         state.status = Status.STOPPED
         cdir.save(state)
+    timeline.mark("teardown")
     await _hooks(bundle, state, "poststop")
     return exited.result().status
 

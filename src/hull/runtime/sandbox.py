@@ -21,8 +21,9 @@ from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import AgentError, BootError, HullError, HypervisorError, ProtocolError
 from hull.hypervisor import accel
-from hull.hypervisor.base import Share, VMConfig
+from hull.hypervisor.base import Accel, Nic, Share, VMConfig
 from hull.hypervisor.qemu.machine import QemuVM
+from hull.network import host as netns
 from hull.proxy.channel import AgentChannel
 from hull.runtime.assets import resolve
 
@@ -43,34 +44,118 @@ def host_tsc_khz() -> int:
     return 0
 
 
+class BootProfile:
+    """Where the time of one boot went, from QEMU's start to the agent's hello reply.
+
+    Host marks (time.monotonic): ``spawn`` (QEMU about to start), ``qemu`` (QMP answered:
+    the machine runs), ``ready`` (hello reply received). The agent's marks (guest
+    CLOCK_MONOTONIC, schema.HelloReply.boot) are put on the host's time line by anchoring
+    its "hello" mark at ``ready``: the reply leaves right after it, a fraction of a ms
+    before the host reads it. The guest's clock starts late and runs coarse during early
+    boot, so the first guest phase absorbs that error: only later phases are exact.
+    """
+
+    #: (phase, guest mark that ends it, what it covers), in boot order
+    GUEST_PHASES = (
+        ("kernel", "kernel.init", "kernel boot until it runs /init (profile mode only)"),
+        ("kernel+python", "python", "kernel boot, then python's own start until /init runs"),
+        ("agent imports", "main", "importing hull.agent.main"),
+        ("agent init", "init", "PID 1 duties: mounts, modules, cgroups, lo"),
+        ("agent load", "loaded", "importing the agent server, setting it up"),
+        ("port", "port", "finding and opening the virtio-serial port"),
+        ("hello", "hello", "waiting for the host's hello and handling it"),
+    )
+
+    def __init__(self, spawn: float, qemu: float, ready: float,
+                 guest: dict[str, float]) -> None:
+        self.spawn, self.qemu, self.ready, self.guest = spawn, qemu, ready, guest
+
+    @property
+    def total(self) -> float:
+        return self.ready - self.spawn
+
+    def phases(self) -> list[tuple[str, float]]:
+        """(phase, seconds) in order; phases whose marks the agent did not send are left
+        out (an older agent sends none: then the boot is one "guest" phase)."""
+        out = [("qemu start", self.qemu - self.spawn)]
+        hello = self.guest.get("hello")
+        last = self.qemu
+        if hello is not None:
+            for name, key, _ in self.GUEST_PHASES:
+                if key not in self.guest:
+                    continue
+                at = self.ready - (hello - self.guest[key])
+                if name == "kernel+python" and "kernel.init" in self.guest:
+                    name = "python start"
+                out.append((name, at - last))
+                last = at
+        if self.ready - last > 0.0005 or hello is None:
+            out.append(("guest" if hello is None else "hello reply", self.ready - last))
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.3f}s" for name, seconds in self.phases())
+
+
+class Timeline:
+    """Named checkpoints (time.monotonic) and the time between them, for --debug logs."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, float]] = [("", time.monotonic())]
+
+    def mark(self, name: str) -> None:
+        """``name`` is the phase that ends now."""
+        self.points.append((name, time.monotonic()))
+
+    @property
+    def total(self) -> float:
+        return self.points[-1][1] - self.points[0][1]
+
+    def describe(self) -> str:
+        steps = (f"{name} {t - prev:.3f}s" for (_, prev), (name, t)
+                 in zip(self.points, self.points[1:], strict=False))
+        return f"total {self.total:.3f}s: " + ", ".join(steps)
+
+
 class Sandbox:
     def __init__(self, config: Config, sandbox_id: str, console_log: Path,
-                 shares: tuple[Share, ...] = (), state_root: Path | None = None) -> None:
+                 shares: tuple[Share, ...] = (), state_root: Path | None = None,
+                 network: netns.Choice | None = None) -> None:
         self.config = config
         self.id = sandbox_id
         self.console_log = console_log
         self.shares = shares
         self.state_root = state_root
+        #: the network namespace the VM mirrors (hull.network.host.choose); None: none
+        self.network = network
+        self.attachment: netns.Attachment | None = None
         self.vm: QemuVM | None = None
         self.channel: AgentChannel | None = None
         self.hello: schema.HelloReply | None = None
         self._exits: dict[ExitKey, asyncio.Future[schema.ProcessExit]] = {}
         self.on_exit: Callable[[schema.ProcessExit], None] | None = None
         self.boot_seconds = 0.0
+        self.boot_profile: BootProfile | None = None
         self._started = 0.0
+        self._qemu_up = 0.0
 
     def vm_config(self) -> VMConfig:
         hv = self.config.hypervisor
         assets = resolve(self.config)
         cache = self.state_root / "accel.json" if self.state_root else None
         decision = accel.choose(hv.accelerator, hv.path, cache)
-        log.debug("accelerator %s: %s", decision.accel, decision.reason)
+        if decision.accel is Accel.TCG:
+            log.info("sandbox %s: using TCG (software emulation, slower): %s", self.id,
+                     decision.reason)
         return VMConfig(
             name=self.id, kernel=assets.kernel, initrd=assets.initrd,
             console_log=self.console_log, accel=decision.accel,
             machine_type=hv.machine_type, vcpus=hv.default_vcpus,
-            memory_mib=hv.default_memory_mib, kernel_params=tuple(hv.kernel_params.split()),
-            shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz())
+            memory_mib=hv.default_memory_mib, kernel_params=(
+                *hv.kernel_params.split(),
+                *(("hull.debug_console=1",) if hv.debug_console else ())),
+            shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz(),
+            nics=self.nics(), netns_fd=self.attachment.netns_fd if self.attachment else -1)
 
     async def __aenter__(self) -> Sandbox:
         await self.boot()
@@ -90,13 +175,60 @@ class Sandbox:
 
     async def boot(self) -> None:
         """Start the VM (the guest is not up yet: follow with handshake())."""
-        self._started = time.monotonic()
-        self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
-        await self.vm.start()
+        await self.attach_network()
+        try:
+            self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
+            self._started = time.monotonic()
+            try:
+                await self.vm.start()
+            except HypervisorError as exc:
+                if isinstance(exc, BootError):
+                    raise
+                # Name the sandbox: "qemu exited ..." alone does not say whose VM it was.
+                raise BootError(f"vm of {self.id} failed to start: {exc}",
+                                self.vm.console_tail()) from exc
+        except BaseException:
+            self.release_network()
+            raise
+        self._qemu_up = time.monotonic()
 
     def vm_socket(self) -> socket.socket:
         assert self.vm is not None
         return self.vm.agent_socket()
+
+    # ----------------------------------------------------------------- network
+
+    async def attach_network(self) -> None:
+        """Taps and tc filters in the namespace the VM mirrors (before QEMU starts)."""
+        if self.network is None or self.attachment is not None:
+            return
+        if self.network.netns is None:
+            log.info("sandbox %s: %s", self.id, self.network.why)
+            return
+        self.attachment = await asyncio.to_thread(netns.attach, self.network.netns)
+
+    def nics(self) -> tuple[Nic, ...]:
+        if self.attachment is None:
+            return ()
+        return tuple(Nic(ep.mac, ep.tap_fd, ep.mtu) for ep in self.attachment.endpoints)
+
+    async def configure_network(self, ask: Asker) -> None:
+        """Give the guest's NICs the names, addresses and routes of the veths (after hello,
+        before any container)."""
+        if self.attachment is None or not self.attachment.endpoints:
+            return
+        try:
+            await ask(schema.Method.CONFIGURE_NETWORK, self.attachment.config().to_json())
+        except (AgentError, ProtocolError) as exc:
+            where = self.attachment.netns
+            raise netns.NetworkError(f"vm of {self.id}: cannot configure the network of "
+                                     f"{where} in the guest: {exc}") from exc
+
+    def release_network(self) -> None:
+        """Remove the taps and filters (after QEMU stopped). Idempotent."""
+        if self.attachment is not None:
+            netns.detach(self.attachment)
+            self.attachment = None
 
     async def handshake(self, ask: Asker) -> schema.HelloReply:
         """Say hello through ``ask`` until the agent answers, the VM dies, or time is up."""
@@ -126,8 +258,12 @@ class Sandbox:
             raise BootError(f"vm of {self.id}: agent speaks protocol {reply.version}, hull "
                             f"{__version__} speaks {schema.PROTOCOL_VERSION}: rebuild the "
                             "guest image with `hull image build`")
-        self.boot_seconds = time.monotonic() - self._started
-        log.debug("sandbox %s ready in %.3fs", self.id, self.boot_seconds)
+        ready = time.monotonic()
+        self.boot_seconds = ready - self._started
+        self.boot_profile = BootProfile(self._started, self._qemu_up, ready, reply.boot)
+        log.debug("sandbox %s ready in %.3fs: %s", self.id, self.boot_seconds,
+                  self.boot_profile.describe())
+        await self.configure_network(ask)
         return reply
 
     async def shutdown(self) -> None:
@@ -142,6 +278,7 @@ class Sandbox:
             await self.channel.close()
         if self.vm is not None:
             await self.vm.stop(timeout=1.0)
+        self.release_network()
         for fut in self._exits.values():
             if not fut.done():
                 fut.set_exception(HypervisorError(f"vm of {self.id} stopped"))

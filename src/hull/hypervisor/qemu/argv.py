@@ -130,6 +130,12 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
             fsdev += ",readonly=on"
         argv += ["-fsdev", fsdev,
                  "-device", f"{machine.device('9p')},fsdev=fs{i},mount_tag={share.tag}"]
+    for i, nic in enumerate(config.nics):
+        # The tap is an fd Hull opened: -sandbox spawn=deny rules out QEMU's ifup scripts.
+        device = f"{machine.device('net')},netdev=net{i},mac={nic.mac},host_mtu={nic.mtu}"
+        if machine.device_suffix == "-pci":
+            device += ",romfile="  # no option ROM (no iPXE): the kernel is booted directly
+        argv += ["-netdev", f"tap,id=net{i},fd={nic.tap_fd}", "-device", device]
     if config.sandbox:
         argv += ["-sandbox", SANDBOX]
     argv += list(config.extra_args)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -27,10 +28,22 @@ from hull.hypervisor.qemu import argv as qemu_argv
 
 log = logging.getLogger("hull.qemu")
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _preexec(netns_fd: int) -> Callable[[], None]:
+    """The child's setup before exec: die with the parent, enter the network namespace.
+
+    The agent and QMP socketpairs were made before, in the parent's namespace: unix
+    sockets keep working across network namespaces, and so do the inherited tap fds.
+    """
+    def child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if netns_fd >= 0 and libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns to the container's network namespace")
+
+    return child
 
 
 def resolve_binary(path: str) -> str:
@@ -66,8 +79,10 @@ class QemuVM(Hypervisor):
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(agent_vm.fileno(), qmp_vm.fileno()),
-                preexec_fn=_die_with_parent, start_new_session=True)
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(agent_vm.fileno(), qmp_vm.fileno(),
+                          *(nic.tap_fd for nic in self.config.nics)),
+                preexec_fn=_preexec(self.config.netns_fd), start_new_session=True)
         except OSError as exc:
             self._close_sockets()
             raise HypervisorError(f"cannot start {self.binary}: {exc.strerror}") from exc

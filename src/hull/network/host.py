@@ -1,0 +1,386 @@
+"""Connect the VM to the network namespace a client (CNI, netavark, Docker) prepared.
+
+The "tcfilter" model of Kata Containers: in the container's network namespace, for each
+veth-like interface, Hull creates a tap device and joins the two with tc ingress filters
+that redirect every frame to the other's egress (``u32 match u8 0 0 action mirred egress
+redirect``), both ways. QEMU runs in that namespace and gets the tap as an open fd (its
+``-sandbox spawn=deny`` forbids the helper scripts); the guest NIC has the veth's MAC,
+and the agent gives it the veth's name, MTU, addresses and routes. The veth itself is
+left as it was: on detach the filters (and the ingress qdisc, when Hull added it) go,
+and the tap vanishes with its last fd.
+
+Everything that touches the namespace runs in a short-lived thread that entered it with
+setns(2) (network namespaces are per thread), so the caller's own namespace never
+changes. Netlink through pyroute2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hull.agentapi import network as netschema
+from hull.agentapi.schema import SchemaError
+from hull.errors import HullError
+
+if TYPE_CHECKING:
+    # Imported where used: pyroute2 costs ~65 ms to import, and every `hull` command
+    # that reaches the runtime imports this module, most without any network to attach.
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+log = logging.getLogger("hull.network")
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+HOST_NETNS = "/proc/1/ns/net"
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TAP_NAME = "hulltap%d"
+ETH_P_ALL = 0x0003
+TC_H_INGRESS = 0xFFFF0000
+#: Priority ("pref") of Hull's redirect filters: recognisable, after the usual 49152 of
+#: filters added without one.
+FILTER_PRIO = 0xC0DE
+#: The u32 filter's class (Kata uses 1:1 too; the mirred action decides the packet's fate).
+FILTER_CLASS = 0x10001
+ARPHRD_ETHER = 1
+#: Link kinds that are never a container's uplink (ours, bridges, tunnels ...).
+SKIPPED_KINDS = frozenset({"tun", "bridge", "openvswitch", "vxlan", "geneve", "gre",
+                           "gretap", "ip6gre", "ipip", "sit", "wireguard", "dummy", "ifb"})
+#: Route protocols the kernel adds by itself when the agent adds an address.
+RTPROT_KERNEL = 2
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(HullError):
+    """The container's network namespace cannot be used or mirrored into the VM."""
+
+
+# ------------------------------------------------------------------------- the choice
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which network namespace the VM mirrors: ``netns`` (a path), or None for none."""
+
+    netns: str | None
+    why: str
+
+
+def same_namespace(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def spec_network(spec: dict[str, Any]) -> tuple[bool, str]:
+    """(the spec has a ``network`` namespace entry, its path or "")."""
+    linux = spec.get("linux") or {}
+    for ns in linux.get("namespaces") or [] if isinstance(linux, dict) else []:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            path = ns.get("path")
+            return True, path if isinstance(path, str) else ""
+    return False, ""
+
+
+def choose(spec: dict[str, Any], own_netns: str = "/proc/self/ns/net",
+           host_netns: str = HOST_NETNS) -> Choice:
+    """The network namespace to mirror for a container of ``spec`` (see docs/networking.md).
+
+    - ``network`` entry with a path: that namespace (CNI, netavark, CRI, ``--net=ns:``).
+      Refused when it is the host's (PID 1's) namespace, or Hull's own (Hull normally runs
+      in the host's, and /proc/1/ns may be unreadable): a VM cannot share it, and its
+      interfaces must never be redirected into a guest.
+    - ``network`` entry without a path: a new, empty namespace: nothing to mirror, the
+      agent gives the container one with only ``lo``.
+    - no ``network`` entry: the container has the VM's own network: loopback only.
+      (runc would share its own namespace: for a VM that would mean taking over the
+      host's interfaces; clients that want a network name a namespace.)
+    """
+    has, path = spec_network(spec)
+    if has and path:
+        if not os.path.exists(path):
+            raise NetworkError(f"linux.namespaces: network namespace {path} does not exist")
+        if same_namespace(path, host_netns) or same_namespace(path, own_netns):
+            raise NetworkError(
+                f"linux.namespaces: network namespace {path} is the host's: a container in "
+                "a VM cannot share the host's network stack (it has its own kernel); give "
+                "it a namespace of its own (CNI, podman --network bridge) or none")
+        return Choice(path, "the namespace config.json names")
+    if has:
+        return Choice(None, "a new network namespace: loopback only")
+    return Choice(None, "config.json names no network namespace: the container has the "
+                        "VM's own network, loopback only")
+
+
+# ------------------------------------------------------------------------- in the netns
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def in_netns(netns_fd: int, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a new thread that entered the namespace ``netns_fd``; its result."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            setns(netns_fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="hull-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def open_tap(name: str = TAP_NAME) -> tuple[int, str]:
+    """A new tap device in the calling thread's namespace: (its fd, its name). The
+    device is not persistent: it disappears when its last fd (QEMU's, ours) closes."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        answer = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, answer[:16].rstrip(b"\0").decode()
+
+
+@dataclass
+class Endpoint:
+    """One veth mirrored into the VM through one tap."""
+
+    name: str
+    index: int
+    mac: str
+    mtu: int
+    tap_fd: int
+    tap_name: str
+    tap_index: int
+    #: Hull added the veth's ingress qdisc (so it removes it again)
+    own_qdisc: bool
+    addresses: list[netschema.Address] = field(default_factory=list)
+
+
+@dataclass
+class Attachment:
+    """The taps and filters of one sandbox in one network namespace."""
+
+    netns: str
+    netns_fd: int
+    endpoints: list[Endpoint]
+    routes: list[netschema.Route]
+
+    @property
+    def tap_fds(self) -> tuple[int, ...]:
+        return tuple(e.tap_fd for e in self.endpoints)
+
+    def config(self) -> netschema.NetworkConfig:
+        """The configure_network request for the agent."""
+        return netschema.NetworkConfig(
+            [netschema.Interface(e.name, e.mac, e.mtu, e.addresses) for e in self.endpoints],
+            self.routes)
+
+
+def _kind(link: Any) -> str:
+    info = link.get_attr("IFLA_LINKINFO")
+    return (info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+
+
+def candidates(ipr: IPRoute) -> list[Any]:
+    """The namespace's veth-like links: Ethernet, not lo, not a tap/bridge/tunnel."""
+    found = []
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        if link["ifi_type"] != ARPHRD_ETHER or name == "lo" or _kind(link) in SKIPPED_KINDS:
+            continue
+        if name.startswith("hulltap"):
+            continue
+        found.append(link)
+    return found
+
+
+def _addresses(ipr: IPRoute, index: int) -> list[netschema.Address]:
+    out = []
+    for msg in ipr.get_addr(index=index):
+        addr = msg.get_attr("IFA_LOCAL") if msg["family"] == socket.AF_INET else None
+        addr = addr or msg.get_attr("IFA_ADDRESS")
+        if not addr or msg["scope"] != 0:  # link-local: the guest makes its own (same MAC)
+            continue
+        out.append(netschema.Address(addr, msg["prefixlen"]))
+    return out
+
+
+def _routes(ipr: IPRoute, names: dict[int, str]) -> list[netschema.Route]:
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            oif = msg.get_attr("RTA_OIF")
+            if (oif not in names or msg["proto"] == RTPROT_KERNEL or msg["type"] != RTN_UNICAST
+                    or msg.get_attr("RTA_TABLE", RT_TABLE_MAIN) != RT_TABLE_MAIN):
+                continue
+            dest = msg.get_attr("RTA_DST") or ""
+            if family == socket.AF_INET6 and dest.startswith(("fe80:", "ff")):
+                continue
+            scope = msg["scope"]
+            try:
+                out.append(netschema.Route(
+                    names[oif], family, dest, msg["dst_len"] if dest else 0,
+                    msg.get_attr("RTA_GATEWAY") or "", msg.get_attr("RTA_PRIORITY") or 0,
+                    scope if scope in (0, 253) else 0, msg.get_attr("RTA_PREFSRC") or ""))
+            except SchemaError as exc:
+                log.warning("route %s not mirrored: %s", dest or "default", exc)
+    return out
+
+
+def _redirect(ipr: IPRoute, src: int, dst: int) -> None:
+    ipr.tc("add-filter", "u32", src, parent=TC_H_INGRESS, prio=FILTER_PRIO,
+           protocol=ETH_P_ALL, target=FILTER_CLASS, keys=["0x0/0x0+0"],
+           action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                   "ifindex": dst})
+
+
+def _drop_stale_filters(ipr: IPRoute, index: int) -> bool:
+    """Remove Hull's filters left on ``index`` by a sandbox that was killed."""
+    stale = any(f["info"] >> 16 == FILTER_PRIO
+                for f in ipr.get_filters(index=index, parent=TC_H_INGRESS))
+    if stale:
+        ipr.tc("del-filter", "u32", index, parent=TC_H_INGRESS, prio=FILTER_PRIO,
+               protocol=ETH_P_ALL)
+    return stale
+
+
+def _has_ingress(ipr: IPRoute, index: int) -> bool:
+    return any(q["handle"] == TC_H_INGRESS for q in ipr.get_qdiscs(index=index))
+
+
+def _attach_here(netns: str, netns_fd: int) -> Attachment:
+    endpoints: list[Endpoint] = []
+    att = Attachment(netns, netns_fd, endpoints, [])
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        try:
+            links = candidates(ipr)
+            for link in links:
+                index = link["index"]
+                name = link.get_attr("IFLA_IFNAME")
+                mtu = link.get_attr("IFLA_MTU") or 1500
+                tap_fd, tap_name = open_tap()
+                ep = Endpoint(name, index, link.get_attr("IFLA_ADDRESS"), mtu, tap_fd,
+                              tap_name, 0, own_qdisc=False)
+                endpoints.append(ep)
+                ep.tap_index = ipr.link_lookup(ifname=tap_name)[0]
+                ipr.link("set", index=ep.tap_index, mtu=mtu, state="up")
+                ipr.tc("add", "ingress", ep.tap_index, TC_H_INGRESS)
+                if not _has_ingress(ipr, index):
+                    ipr.tc("add", "ingress", index, TC_H_INGRESS)
+                    ep.own_qdisc = True
+                elif _drop_stale_filters(ipr, index):
+                    log.warning("netns %s: removed stale hull filters from %s (a hull process "
+                                "that died without cleaning up)", netns, name)
+                _redirect(ipr, index, ep.tap_index)
+                _redirect(ipr, ep.tap_index, index)
+                ep.addresses = _addresses(ipr, index)
+            att.routes = _routes(ipr, {e.index: e.name for e in endpoints})
+        except BaseException:
+            _detach_here(ipr, att)
+            raise
+    return att
+
+
+def _detach_here(ipr: IPRoute, att: Attachment) -> list[str]:
+    problems: list[str] = []
+    for ep in att.endpoints:
+        try:
+            if ep.own_qdisc:
+                ipr.tc("del", "ingress", ep.index, TC_H_INGRESS)
+            else:
+                ipr.tc("del-filter", "u32", ep.index, parent=TC_H_INGRESS, prio=FILTER_PRIO,
+                       protocol=ETH_P_ALL)
+        except Exception as exc:  # the veth may be gone already (the client deleted it)
+            problems.append(f"{ep.name}: {exc}")
+        with contextlib.suppress(OSError):
+            os.close(ep.tap_fd)
+        ep.tap_fd = -1
+        # Gone with its last fd unless QEMU still holds one; then remove it explicitly.
+        with contextlib.suppress(Exception):
+            if ep.tap_index and ipr.link_lookup(ifname=ep.tap_name) == [ep.tap_index]:
+                ipr.link("del", index=ep.tap_index)
+    return problems
+
+
+def attach(netns: str) -> Attachment:
+    """Create the taps and filters in ``netns`` (a path); QEMU then runs there too."""
+    try:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"network namespace {netns}: {exc.strerror}") from exc
+    # Never the host's interfaces, whatever path led here (choose() refused them already).
+    if any(same_namespace(f"/proc/self/fd/{fd}", ns) for ns in ("/proc/self/ns/net",
+                                                                 HOST_NETNS)):
+        os.close(fd)
+        raise NetworkError(f"network namespace {netns} is the host's: refusing to connect "
+                           "its interfaces to a vm")
+    try:
+        att = in_netns(fd, lambda: _attach_here(netns, fd))
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError | ValueError) or type(exc).__module__.startswith(
+                "pyroute2"):
+            raise NetworkError(f"network namespace {netns}: cannot connect it to the vm: "
+                               f"{exc}") from exc
+        raise
+    for ep in att.endpoints:
+        log.debug("netns %s: %s (%s, mtu %d) <-> %s", netns, ep.name, ep.mac, ep.mtu,
+                  ep.tap_name)
+    if not att.endpoints:
+        log.info("network namespace %s has no interface to mirror: loopback only", netns)
+    return att
+
+
+def detach(att: Attachment) -> None:
+    """Remove the filters (and the qdiscs Hull added) and the taps. Idempotent."""
+    if att.netns_fd < 0:
+        return
+
+    def work() -> list[str]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return _detach_here(ipr, att)
+
+    try:
+        for problem in in_netns(att.netns_fd, work):
+            log.debug("netns %s: detach: %s", att.netns, problem)
+    except Exception as exc:
+        log.warning("network namespace %s: cleanup failed: %s", att.netns, exc)
+    finally:
+        os.close(att.netns_fd)
+        att.netns_fd = -1
