@@ -89,3 +89,34 @@ def test_a_flood_of_partial_frames_stays_bounded() -> None:
     for _ in range(100):
         decoder.feed(b"x" * 8192)
     assert decoder.buffered <= framing.HEADER_SIZE + framing.MAX_PAYLOAD
+
+
+async def _fuzz_router(rng: random.Random, count: int) -> int:
+    from hull.proxy.router import Router
+
+    errors = 0
+    host, guest = socket.socketpair()
+    violations: list[str] = []
+    router = Router("fuzz", violations.append)
+    await router.attach(host)
+    try:
+        for _ in range(count):
+            decoder = framing.Decoder()
+            wire = mutate(rng, rng.choice(SEEDS).encode())
+            try:
+                for frame in decoder.feed(wire):
+                    router._from_agent(frame)
+            except EXPECTED:
+                errors += 1
+            assert decoder.buffered <= framing.HEADER_SIZE + framing.MAX_PAYLOAD
+        await router.close()
+    finally:
+        host.close()
+        guest.close()
+    return errors
+
+
+def test_the_proxy_router_survives_hostile_frames() -> None:
+    rng = random.Random(7)
+    errors = asyncio.run(_fuzz_router(rng, FRAMES // 2))
+    assert errors > FRAMES // 8
