@@ -85,6 +85,23 @@ def test_podman_run_rm_echo_and_exit_codes(podman: Podman, tmp_path: Path) -> No
     assert podman.containers() == []
 
 
+def test_podman_run_sees_its_etc_files_and_a_volume(podman: Podman, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "f").write_text("from the host\n")
+    script = ("echo $(cat /etc/hostname); grep -c hullbox /etc/hosts; cat /vol/f; "
+              "echo out > /vol/g; "
+              "grep -q ' /dev/shm ' /proc/mounts && echo shm; mount | grep -c ' /etc/hosts '")
+    done = podman("run", "--rm", "--network", "none", "--hostname", "hullbox",
+                  "-v", f"{vol}:/vol", IMAGE, "sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "hullbox" and int(lines[1]) >= 1, done.stdout
+    assert lines[2:] == ["from the host", "shm", "1"], done.stdout
+    assert (vol / "g").read_text() == "out\n"
+    assert podman.containers() == []
+
+
 def test_podman_run_interactive_tty(podman: Podman) -> None:
     result = podman.pty("run", "-it", "--rm", "--network", "none", IMAGE,
                         "sh", "-c", TTY_DIALOG, dialog=DIALOG)
@@ -177,8 +194,6 @@ def test_ctr_run_error_comes_from_hulls_json_log(containerd: Containerd,
     assert hull_states(containerd.hull_root) == []
 
 
-@pytest.mark.xfail(reason="bind mounts of host paths need their own 9p shares: the guest "
-                          "agent skips them with a warning for now", strict=True)
 def test_ctr_readonly_bind_mount(containerd: Containerd, rootfs: Path,
                                  tmp_path: Path) -> None:
     host = tmp_path / "host"

@@ -269,12 +269,17 @@ def test_teardown_leaves_the_veth_as_it_was(hull: Runner, bundle: BundleFactory,
 
 
 def test_create_start_delete_cleans_up(hull: Runner, bundle: BundleFactory,
-                                       one_veth: Net) -> None:
+                                       one_veth: Net, state_root: Path,
+                                       tmp_path: Path) -> None:
     """CLI mode (the proxy daemon owns QEMU): filters exist while it runs, go on delete."""
     before = one_veth.snapshot()
     b = bundle(["sleep", "30"], mutate=with_netns(one_veth.ctr_path))
-    done = hull("create", "-b", str(b), "cli")
-    assert done.returncode == 0, done.stderr
+    # The container's stdio are files, as a client's would be (the shim keeps them).
+    with open(tmp_path / "out", "wb") as out:
+        done = subprocess.run([*HULL, "--root", str(state_root), "create", "-b", str(b),
+                               "cli"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                              timeout=120, check=False)
+    assert done.returncode == 0, (tmp_path / "out").read_text()
     try:
         assert hull("start", "cli").returncode == 0
         filters = in_ns(one_veth.ctr, ["tc", "filter", "show", "dev", "eth0", "ingress"])
@@ -314,7 +319,7 @@ def test_no_network_namespace_is_the_vms_loopback(hull: Runner,
 
 
 def test_host_network_namespace_is_refused(hull: Runner, bundle: BundleFactory) -> None:
-    b = bundle(["true"], mutate=with_netns("/proc/1/ns/net"))
+    b = bundle(["true"], mutate=with_netns(f"/proc/{os.getpid()}/ns/net"))
     for argv in (["run", "-b", str(b), "hostnet"], ["create", "-b", str(b), "hostnet2"]):
         done = hull(*argv)
         assert done.returncode != 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,15 +168,23 @@ def test_channel_frames_both_ways_and_drops_garbage() -> None:
     channel = Channel(loop, got.append, lambda: resets.append(True), guest.detach())
     channel.start()
     big = os.urandom(framing.MAX_DATA_CHUNK)
-    host.sendall(Frame(Kind.REQUEST, 0, b"{}").encode() + Frame(Kind.DATA, 3, big).encode())
+    # A chunk is larger than a socket buffer: send from a thread while the loop reads.
+    sender = threading.Thread(target=host.sendall, args=(
+        Frame(Kind.REQUEST, 0, b"{}").encode() + Frame(Kind.DATA, 3, big).encode(),))
+    sender.start()
     while len(got) < 2:
         loop.run_once(1.0)
+    sender.join()
     assert got == [Frame(Kind.REQUEST, 0, b"{}"), Frame(Kind.DATA, 3, big)]
     channel.send_parts(Kind.DATA, 5, big)
     decoder = framing.Decoder()
     frames: list[Frame] = []
-    while not frames:
-        frames += decoder.feed(host.recv(1 << 20))
+    host.setblocking(False)
+    while not frames:  # the channel flushes its queue as the loop runs
+        loop.run_once(0.01)
+        with contextlib.suppress(BlockingIOError):
+            frames += decoder.feed(host.recv(1 << 20))
+    host.setblocking(True)
     assert frames == [Frame(Kind.DATA, 5, big)]
     host.sendall(b"\xff" * framing.HEADER_SIZE)  # garbage: a framing error ends the agent
     while loop.running:

@@ -133,8 +133,13 @@ async def test_unsupported_calls(pod: Pod, tmp_path: Path) -> None:
     add_container(pod, tmp_path, "c", Status.RUNNING)
     assert await code_of(pod, "Checkpoint", shim_pb2.CheckpointTaskRequest(id="c")) == \
         Code.UNIMPLEMENTED
-    assert await code_of(pod, "Update", shim_pb2.UpdateTaskRequest(id="c")) == \
-        Code.UNIMPLEMENTED
+    # Update is supported: bad resources are InvalidArgument, a missing VM refuses.
+    assert await code_of(pod, "Update", shim_pb2.UpdateTaskRequest(
+        id="c", resources=any_pb2.Any(value=b'{"memory": {"limit": "x"}}'))) == \
+        Code.INVALID_ARGUMENT
+    assert await code_of(pod, "Update", shim_pb2.UpdateTaskRequest(
+        id="c", resources=any_pb2.Any(value=b'{"memory": {"limit": 1048576}}'))) == \
+        Code.FAILED_PRECONDITION
     assert await code_of(pod, "Create", shim_pb2.CreateTaskRequest(
         id="d", checkpoint="/cp")) == Code.UNIMPLEMENTED
     assert await code_of(pod, "Create", shim_pb2.CreateTaskRequest(id="../x")) == \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable
 
 TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
@@ -210,6 +211,21 @@ class Cgroup:
                     continue  # no io controller (no block device): nothing to weigh
                 raise CgroupError(f"cgroup {name}={value}: "
                                   f"{os.strerror(exc.errno or 0).lower()}") from None
+
+    def freeze(self, frozen: bool, timeout: float = 2.0) -> None:
+        """cgroup.freeze, then wait (briefly) until cgroup.events says it took effect."""
+        try:
+            with open(os.path.join(self.path, "cgroup.freeze"), "w") as fh:
+                fh.write("1" if frozen else "0")
+        except OSError as exc:
+            raise CgroupError(f"cgroup.freeze: {os.strerror(exc.errno or 0).lower()}"
+                              ) from None
+        deadline = time.monotonic() + timeout
+        events = os.path.join(self.path, "cgroup.events")
+        while read_keyed(events).get("frozen", int(frozen)) != int(frozen):
+            if time.monotonic() > deadline:
+                break  # the kernel finishes it later (a task in uninterruptible sleep)
+            time.sleep(0.01)
 
     def oom_kills(self) -> int:
         return read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0)

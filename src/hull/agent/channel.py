@@ -29,6 +29,10 @@ RETRY_DELAY = 0.02
 _READ_SIZE = 256 * 1024
 _READS_PER_WAKEUP = 64
 _WRITEV_MAX = 64
+#: virtio_console takes at most 32 KiB per write(): larger payloads are queued as 32 KiB
+#: views, so one writev() passes up to _WRITEV_MAX of them (the driver writes iovec by
+#: iovec) instead of one Python loop round per 32 KiB.
+_PORT_WRITE = 32 * 1024
 
 FrameHandler = Callable[[framing.Frame], None]
 
@@ -184,7 +188,12 @@ class Channel:
         self._wq.append(header)
         self.queued += len(header)
         if payload:
-            self._wq.append(payload)
+            if len(payload) > _PORT_WRITE:
+                view = memoryview(payload)
+                self._wq.extend(view[i:i + _PORT_WRITE]
+                                for i in range(0, len(payload), _PORT_WRITE))
+            else:
+                self._wq.append(payload)
             self.queued += len(payload)
         self._flush()
 

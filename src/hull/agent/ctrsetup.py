@@ -112,3 +112,13 @@ def update(ctr: Container, resources: dict[str, object], warn: Warn) -> None:
         ctr.cgroup.apply(res)
     except CgroupError as exc:
         raise SetupRefused(f"container {ctr.id}: {exc}") from None
+
+
+def freeze(ctr: Container, frozen: bool) -> None:
+    """Freeze or thaw the container's cgroup (pause of one container of a pod)."""
+    if ctr.cgroup is None:
+        raise SetupRefused(f"container {ctr.id} has no cgroup to freeze")
+    try:
+        ctr.cgroup.freeze(frozen)
+    except CgroupError as exc:
+        raise SetupRefused(f"container {ctr.id}: {exc}") from None

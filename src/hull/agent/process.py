@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from hull.agentapi import framing
 from hull.agentapi.schema import Stdio
 
 _DRAIN_BUDGET = 256 * 1024
+#: Pipe buffer of a process's output (the default is 64 KiB): the agent, slow under TCG,
+#: then reads up to a whole DATA chunk at a time instead of 64 KiB.
+_PIPE_SIZE = framing.MAX_DATA_CHUNK
 _EOT = b"\x04"
 
 
@@ -127,6 +131,8 @@ class OutputStream:
         self.detached = False  # no host session for it any more: read and drop
         self._budget = _DRAIN_BUDGET
         os.set_blocking(ref.fd, False)
+        with contextlib.suppress(OSError):  # a pty master is no pipe: EBADF, leave it
+            fcntl.fcntl(ref.fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         relay.send_window.open(stream)
         relay.outputs[stream] = self
         relay.loop.set_reader(ref.fd, self._on_readable)

@@ -138,8 +138,9 @@ def _mount_entry(rootfs: str, m: Mount, warn: Warn) -> None:
 
 
 def _bind_entry(dest: str, m: Mount, warn: Warn) -> bool:
-    # Bind mounts of host paths arrive with a later issue (they need their own 9p shares);
-    # a source that happens to exist in the guest is bound as asked.
+    # Host sources come staged in a share (hull.runtime.sharedfs; the agent rewrote them
+    # to guest paths, Shares.resolve_binds). What the host could not share (a device
+    # node, a socket) keeps its path: the guest's own is bound if there is one.
     try:
         src_stat = os.stat(m.source)
     except OSError:

@@ -88,6 +88,8 @@ class Server:
             Method.DELETE_CONTAINER: self._delete,
             Method.STATS_CONTAINER: self._stats,
             Method.UPDATE_CONTAINER: self._update,
+            Method.PAUSE_CONTAINER: lambda rid, params: self._freeze(params, True),
+            Method.RESUME_CONTAINER: lambda rid, params: self._freeze(params, False),
             Method.CONFIGURE_NETWORK: self._configure_network,
             Method.SHUTDOWN: self._shutdown,
             Method.SANDBOX_STATS: self._sandbox_stats,
@@ -222,6 +224,10 @@ class Server:
             raise RequestError(ErrorKind.INVALID, f"container {cid}: {exc}") from None
         terminal = cspec.process.terminal
         self._check_streams(f"container {cid}", req.stdio, terminal)
+        try:
+            self.shares.resolve_binds(cspec.mounts)
+        except OSError as exc:
+            raise RequestError(ErrorKind.FAILED, f"container {cid}: {exc.strerror}") from None
         try:
             join = ctrsetup.join_fds(self.containers, cspec, log)
             cgroup = ctrsetup.make_cgroup(self.options.cgroup_root, cid, cspec, log)
@@ -502,6 +508,14 @@ class Server:
             ctrsetup.update(ctr, req.resources, log)
         except ctrsetup.SetupRefused as exc:
             raise RequestError(ErrorKind.INVALID, str(exc)) from None
+        return {}
+
+    def _freeze(self, params: dict[str, Any], frozen: bool) -> dict[str, Any]:
+        ctr = self._container(schema.ContainerRef.from_json(params).container_id)
+        try:
+            ctrsetup.freeze(ctr, frozen)
+        except ctrsetup.SetupRefused as exc:
+            raise RequestError(ErrorKind.FAILED, str(exc)) from None
         return {}
 
     # ------------------------------------------------------------------ network

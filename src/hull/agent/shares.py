@@ -9,6 +9,12 @@ from hull.agent import syscalls as sc
 from hull.agent.pipes import unmount
 from hull.agentapi import schema
 
+TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from hull.agent.spec import Mount
+
 # cache=mmap, not loose: a pod's containers from one image share lower-layer inodes
 # (overlayfs reports the lower file's st_dev/st_ino, so their 9p QIDs are equal), and a
 # loose cache kept serving them through a deleted container's path: a new container
@@ -54,6 +60,34 @@ class Shares:
         sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
         if share.readonly:
             sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+
+    def resolve_binds(self, mounts: Iterable[Mount]) -> None:
+        """Point each bind mount the host staged in a share at its path in the guest.
+
+        ``hullshare:<tag>/<path>`` sources (hull.runtime.sharedfs) become the path under
+        the share's mount point, mounting the share on first use. OSError names the mount.
+        """
+        for m in mounts:
+            if m.is_bind and m.source.startswith(schema.SHARE_SOURCE_PREFIX):
+                try:
+                    m.source = self._share_path(m.source[len(schema.SHARE_SOURCE_PREFIX):])
+                except OSError as exc:
+                    raise OSError(exc.errno, f"mount {m.destination}: bind source "
+                                  f"{m.source}: {exc.strerror}") from None
+
+    def _share_path(self, ref: str) -> str:
+        tag, _, path = ref.partition("/")
+        parts = path.split("/")
+        if (not path or "\0" in path or len(path) > schema.MAX_SHARE_PATH
+                or any(p in ("", ".", "..") for p in parts)):
+            raise OSError(errno.EINVAL, f"share path {path!r} must be relative, without "
+                          "'..'")
+        point = self._share_mount(tag)
+        source = os.path.realpath(os.path.join(point, path))
+        if not source.startswith(point + "/"):
+            raise OSError(errno.EINVAL, f"share path {path!r} leaves the share")
+        os.stat(source)  # a staged source is there: ENOENT is an error, not a skip
+        return source
 
     def _share_mount(self, tag: str) -> str:
         """Where share ``tag`` is mounted, mounting it on first use (once per tag)."""

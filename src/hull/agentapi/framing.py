@@ -26,10 +26,13 @@ HEADER = struct.Struct(">BBHII")
 HEADER_SIZE = HEADER.size
 #: Upper bound of any payload; control messages and data chunks both fit in it.
 MAX_PAYLOAD = 1 << 20
-#: Largest DATA chunk a sender emits (it may send less).
-MAX_DATA_CHUNK = 64 * 1024
-#: Bytes of DATA each side may have in flight per stream before it needs CREDIT.
-INITIAL_WINDOW = 256 * 1024
+#: Largest DATA chunk a sender emits (it may send less). Large: the guest agent runs
+#: under TCG, where each chunk costs a fixed ~1 ms of Python and syscalls; 64 KiB chunks
+#: held stdout to ~20-40 MB/s, 1 MiB ones reach ~100 (docs/performance.md).
+MAX_DATA_CHUNK = MAX_PAYLOAD
+#: Bytes of DATA each side may have in flight per stream before it needs CREDIT: a few
+#: chunks, so the sender never idles while credit makes its round trip.
+INITIAL_WINDOW = 4 * MAX_DATA_CHUNK
 CONTROL_STREAM = 0
 _CREDIT = struct.Struct(">I")
 

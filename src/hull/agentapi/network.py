@@ -156,9 +156,10 @@ class Route:
     @classmethod
     def from_json(cls, obj: Any) -> Route:
         o = _obj(obj, "route")
-        fam = AF_INET6 if get_int(o, "family", 4, 6) == 6 else AF_INET
         if o.get("family") not in (4, 6):
             raise SchemaError("route family must be 4 or 6")
+        fam = AF_INET6 if o["family"] == 6 else AF_INET
+        o = {"prefix_len": 0, "metric": 0, "scope": SCOPE_UNIVERSE, **o}
         return cls(get_str(o, "device", max_len=15), fam,
                    get_str(o, "dest", max_len=64, optional=True), _prefix(o, "prefix_len", fam),
                    get_str(o, "gateway", max_len=64, optional=True),

@@ -17,7 +17,8 @@ untrusted (a lying guest gets :class:`SchemaError`, and the host drops the VM).
 from __future__ import annotations
 
 import enum
-import json
+
+from hull.agentapi import wirejson
 
 # The guest agent imports this module at every boot: no dataclasses, no typing at run time
 # (hull.agentapi.records says why). Type checkers see the real dataclasses.
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 else:
     from hull.agentapi.records import asdict, dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: 1 MiB data chunks, 4 MiB windows (framing)
 MAX_ID_LEN = 1024
 MAX_TEXT = 64 * 1024
 MAX_STREAM_ID = 2**31 - 1
@@ -48,6 +49,10 @@ class Method(enum.StrEnum):
     DELETE_CONTAINER = "delete_container"
     STATS_CONTAINER = "stats_container"
     UPDATE_CONTAINER = "update_container"
+    #: params ContainerRef: freeze / thaw the container's cgroup (cgroup.freeze), for the
+    #: pause of one container of a pod while the others run (the shim v2)
+    PAUSE_CONTAINER = "pause_container"
+    RESUME_CONTAINER = "resume_container"
     #: params: hull.agentapi.network.NetworkConfig; after hello, before any container
     CONFIGURE_NETWORK = "configure_network"
     SHUTDOWN = "shutdown"
@@ -126,13 +131,13 @@ def get_bool(obj: dict[str, Any], key: str) -> bool:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode()
+    return wirejson.dumps(message)
 
 
 def decode(payload: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = wirejson.loads(payload)
+    except wirejson.JSONError as exc:
         raise SchemaError(f"control message is not JSON: {exc}") from None
     return _obj(value, "control message")
 
@@ -259,6 +264,9 @@ def _marks(o: dict[str, Any], key: str) -> dict[str, float]:
 
 
 MAX_SHARE_PATH = 4096
+#: A bind mount source the host staged in a share (hull.runtime.sharedfs): the spec sent
+#: in create_container says ``hullshare:<tag>/<path in the share>`` instead of a host path.
+SHARE_SOURCE_PREFIX = "hullshare:"
 
 
 @dataclass(frozen=True, slots=True)

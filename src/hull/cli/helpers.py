@@ -15,7 +15,8 @@ from hull.config.annotations import apply_annotations
 from hull.errors import HullError
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
-from hull.runtime import proxyd, shim
+from hull.runtime import proxyd, sharedfs, shim
+from hull.runtime.lifecycle import shared_dir
 from hull.runtime.run import ROOTFS_TAG, rootfs_share
 from hull.runtime.state import ContainerDir
 
@@ -60,8 +61,8 @@ def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
         log.error("%s", exc)
         os.write(args.ready_fd, f"{exc}\n".encode())
         return 1
-    return asyncio.run(proxyd.serve(config, ctx.root, cdir, (rootfs_share(bundle),),
-                                    args.ready_fd, network))
+    shares = (rootfs_share(bundle), *sharedfs.shares(shared_dir(cdir)))
+    return asyncio.run(proxyd.serve(config, ctx.root, cdir, shares, args.ready_fd, network))
 
 
 def run_shim(ctx: Context, args: argparse.Namespace) -> int:
@@ -73,7 +74,8 @@ def run_shim(ctx: Context, args: argparse.Namespace) -> int:
     try:
         if args.bundle:
             bundle = oci_bundle.load(args.bundle)
-            payload = {"spec": bundle.spec,
+            spec = sharedfs.guest_spec(bundle.spec, shared_dir(cdir), cdir.id)
+            payload = {"spec": spec,
                        "rootfs": {"tag": ROOTFS_TAG, "readonly": bundle.readonly_rootfs}}
             terminal = bundle.terminal
         else:

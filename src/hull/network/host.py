@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -116,8 +117,12 @@ def choose(spec: dict[str, Any], own_netns: str = "/proc/self/ns/net",
     """
     has, path = spec_network(spec)
     if has and path:
-        if not os.path.exists(path):
-            raise NetworkError(f"linux.namespaces: network namespace {path} does not exist")
+        try:
+            os.stat(path)
+        except OSError as exc:
+            what = "does not exist" if exc.errno == errno.ENOENT else exc.strerror
+            raise NetworkError(f"linux.namespaces: network namespace {path} {what}"
+                               ) from None
         if same_namespace(path, host_netns) or same_namespace(path, own_netns):
             raise NetworkError(
                 f"linux.namespaces: network namespace {path} is the host's: a container in "
@@ -266,13 +271,19 @@ def _redirect(ipr: IPRoute, src: int, dst: int) -> None:
                    "ifindex": dst})
 
 
+def _del_filters(ipr: IPRoute, index: int) -> None:
+    """Delete Hull's filters (by priority) from ``index``'s ingress: tcm_info holds the
+    priority and the protocol (network byte order)."""
+    ipr.tc("del-filter", index=index, parent=TC_H_INGRESS,
+           info=(FILTER_PRIO << 16) | socket.htons(ETH_P_ALL))
+
+
 def _drop_stale_filters(ipr: IPRoute, index: int) -> bool:
     """Remove Hull's filters left on ``index`` by a sandbox that was killed."""
     stale = any(f["info"] >> 16 == FILTER_PRIO
                 for f in ipr.get_filters(index=index, parent=TC_H_INGRESS))
     if stale:
-        ipr.tc("del-filter", "u32", index, parent=TC_H_INGRESS, prio=FILTER_PRIO,
-               protocol=ETH_P_ALL)
+        _del_filters(ipr, index)
     return stale
 
 
@@ -322,8 +333,7 @@ def _detach_here(ipr: IPRoute, att: Attachment) -> list[str]:
             if ep.own_qdisc:
                 ipr.tc("del", "ingress", ep.index, TC_H_INGRESS)
             else:
-                ipr.tc("del-filter", "u32", ep.index, parent=TC_H_INGRESS, prio=FILTER_PRIO,
-                       protocol=ETH_P_ALL)
+                _del_filters(ipr, ep.index)
         except Exception as exc:  # the veth may be gone already (the client deleted it)
             problems.append(f"{ep.name}: {exc}")
         with contextlib.suppress(OSError):

@@ -27,7 +27,7 @@ from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import ContainerNotFound, HullError, InvalidState
 from hull.oci.bundle import Bundle
-from hull.runtime import client, hooks
+from hull.runtime import client, hooks, sharedfs
 from hull.runtime.state import ContainerDir, ContainerState, Status, alive, start_time
 
 log = logging.getLogger("hull.lifecycle")
@@ -60,6 +60,8 @@ class Runtime:
                     created=now(), annotations=bundle.annotations, owner=owner())
                 cdir.save(state)
                 crash_point("create:saved")
+                # Host sources of bind mounts, staged for the VM's share before it boots.
+                sharedfs.stage(bundle.spec, bundle.path, shared_dir(cdir), container_id)
                 state.proxy_pid = self.spawn(cdir, ["proxy", "--bundle", str(bundle.path),
                                                     container_id], daemon=True)
                 crash_point("create:proxy-started")
@@ -250,6 +252,12 @@ CRASH_POINTS = ("create:saved", "create:proxy-started", "create:shim-started",
 def crash_point(name: str) -> None:
     if os.environ.get("HULL_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shared_dir(cdir: ContainerDir) -> Path:
+    """Where a CLI container's bind sources are staged for its VM (hull.runtime.sharedfs);
+    ContainerDir.remove unmounts whatever is left there."""
+    return cdir.path / "shared"
 
 
 def check_terminal(terminal: bool, console_socket: str | None) -> None:

@@ -25,8 +25,8 @@ from hull.errors import HypervisorError
 from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci.bundle import Bundle
-from hull.runtime import hooks
-from hull.runtime.lifecycle import oci_state
+from hull.runtime import hooks, sharedfs
+from hull.runtime.lifecycle import oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
 from hull.runtime.state import ContainerDir, ContainerState, Status
 from hull.runtime.stdio import HostStdio, ProcessIO
@@ -66,14 +66,15 @@ def terminal_size(fd: int) -> tuple[int, int] | None:
     return size.lines, size.columns
 
 
-def with_console_size(bundle: Bundle) -> dict[str, object]:
+def with_console_size(bundle: Bundle, spec: dict[str, Any] | None = None
+                      ) -> dict[str, object]:
     """The spec to send: with a terminal, the caller's window size as consoleSize."""
-    spec = dict(bundle.spec)
+    out = dict(bundle.spec if spec is None else spec)
     size = terminal_size(1) if bundle.terminal else None
     if size:
-        spec["process"] = {**bundle.process,
-                           "consoleSize": {"height": size[0], "width": size[1]}}
-    return spec
+        out["process"] = {**bundle.process,
+                          "consoleSize": {"height": size[0], "width": size[1]}}
+    return out
 
 
 async def run_container(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
@@ -97,15 +98,19 @@ async def run_container(config: Config, root: Path, container_id: str, bundle: B
 async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: ContainerState,
                      bundle: Bundle, timeline: Timeline) -> int:
     cid = cdir.id
+    # Host sources of bind mounts (run_container's cdir.remove() unmounts them).
+    staging = shared_dir(cdir)
+    spec = sharedfs.stage(bundle.spec, bundle.path, staging, cid)
     timeline.mark("setup")
-    async with Sandbox(config, cid, cdir.console_log, (rootfs_share(bundle),),
+    shares = (rootfs_share(bundle), *sharedfs.shares(staging))
+    async with Sandbox(config, cid, cdir.console_log, shares,
                        state_root=root, network=netns.choose(bundle.spec)) as sandbox:
         timeline.mark("boot")
         assert sandbox.channel is not None and sandbox.vm is not None
         state.vm_pid = sandbox.vm.pid or 0
         exited = sandbox.exit_future(cid)
         io = ProcessIO.open(sandbox.channel, HostStdio(terminal=bundle.terminal))
-        request = schema.CreateContainer(cid, with_console_size(bundle),
+        request = schema.CreateContainer(cid, with_console_size(bundle, spec),
                                          schema.RootfsShare(ROOTFS_TAG, bundle.readonly_rootfs),
                                          io.streams)
         await sandbox.call(schema.Method.CREATE_CONTAINER, request)
@@ -179,6 +184,10 @@ def _forward_signals(sandbox: Sandbox, cid: str, terminal: bool) -> Iterator[Non
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        # remove_signal_handler() leaves SIG_DFL behind, but Python runs with SIGPIPE
+        # ignored: without this, a write to a socket QEMU closed during the teardown
+        # killed `hull run` with SIGPIPE (exit status -13) now and then.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def _forget(tasks: set[asyncio.Task[object]]):  # type: ignore[no-untyped-def]

@@ -164,4 +164,12 @@ class ContainerDir:
             os.close(fd)
 
     def remove(self) -> None:
+        # Unmount first: host binds staged for the VM (sharedfs) must never be removed
+        # through, and a crashed `hull` may have left them.
+        from hull.runtime import sharedfs
+
+        left = sharedfs.unmount_under(self.path)
+        if left:
+            raise HullError(f"container {self.id}: cannot unmount {', '.join(left)}; "
+                            f"state left in {self.path}")
         shutil.rmtree(self.path, ignore_errors=True)

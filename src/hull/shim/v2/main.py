@@ -138,6 +138,7 @@ def _spawn_daemon(args: argparse.Namespace, bundle: Path, sock: socket.socket) -
 
 def delete(args: argparse.Namespace) -> int:
     """Clean up what a dead shim left for task ``args.id``: VM, mounts, state, socket."""
+    from hull.runtime import sharedfs
     from hull.shim.proto import shim_pb2
     from hull.shim.v2 import mounts
 
@@ -149,6 +150,8 @@ def delete(args: argparse.Namespace) -> int:
     if not alive:
         _kill_pidfile(state / "qemu.pid")
     share = state / "shared" / args.id / "rootfs"
+    with contextlib.suppress(sharedfs.ShareError):
+        sharedfs.release(share.parent / "mounts")  # staged bind sources (sharedfs)
     with contextlib.suppress(mounts.MountError):
         mounts.remove_bind(share)
     with contextlib.suppress(mounts.MountError):
@@ -161,6 +164,7 @@ def delete(args: argparse.Namespace) -> int:
                     mounts.remove_bind(child / "rootfs")
         import shutil
 
+        sharedfs.unmount_under(state)  # never rmtree through a host bind
         shutil.rmtree(state, ignore_errors=True)
         with contextlib.suppress(OSError):
             state.parent.rmdir()

@@ -25,21 +25,26 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from hull.agentapi import schema
+from hull.config.annotations import apply_annotations
 from hull.config.settings import Config
 from hull.errors import (
+    AgentError,
     BundleError,
     ContainerExists,
     ContainerNotFound,
     HullError,
     InvalidState,
+    ProtocolError,
 )
 from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
+from hull.runtime import sharedfs
 from hull.runtime.sandbox import Sandbox
 from hull.shim.proto import events_pb2, types_pb2
 from hull.shim.v2 import mounts, sizing
 from hull.shim.v2.events import Publisher
+from hull.shim.v2.pausing import Pauser
 from hull.shim.v2.placeholder import Placeholder
 from hull.shim.v2.stdio import StdioPaths, TaskIO
 
@@ -113,7 +118,7 @@ class Pod:
         self.sandbox: Sandbox | None = None
         self.sandbox_id = ""
         self.containers: dict[str, Container] = {}
-        self.paused = False
+        self.pauser = Pauser(publisher)
         self._vm_watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # Create and Delete change the pod one at a time
 
@@ -177,10 +182,13 @@ class Pod:
                 share = self.shared / req.id / "rootfs"
                 mounts.bind(rootfs, share, readonly)
                 undo.callback(mounts.remove_bind, share)
+                # Host sources of bind mounts, staged at <shared>/<cid>/mounts (sharedfs).
+                guest_spec = sharedfs.stage(spec, bundle, self.shared, req.id)
+                undo.callback(sharedfs.release, self.shared / req.id / "mounts")
                 placeholder = await Placeholder.spawn(req.id, spec)
                 try:
                     proc = Proc(req.id, "", req.stdio, placeholder.pid)
-                    await self._create_in_guest(req.id, spec, readonly, proc)
+                    await self._create_in_guest(req.id, guest_spec, readonly, proc)
                 except BaseException:
                     await placeholder.stop()
                     raise
@@ -198,7 +206,8 @@ class Pod:
 
     async def _boot(self, req: CreateRequest, annotations: dict[str, str],
                     spec: dict[str, Any]) -> None:
-        config = sizing.apply(self.load_config(req.config_path), annotations)
+        config = apply_annotations(sizing.apply(self.load_config(req.config_path), annotations),
+                                   annotations)
         # The pod's network is the first container's (CRI: the sandbox's CNI namespace);
         # the others join the guest's, which the agent configured once.
         network = netns.choose(spec)
@@ -286,9 +295,12 @@ class Pod:
 
     async def _watch(self, proc: Proc, fut: asyncio.Future[schema.ProcessExit]) -> None:
         try:
-            status = (await fut).status
+            event = await fut
+            status, oom = event.status, event.oom_killed
         except HullError:
-            status = VM_LOST_STATUS
+            status, oom = VM_LOST_STATUS, False
+        if oom:  # before the exit, as runc's shim (its OOM watcher fires first)
+            self.publisher.publish(events_pb2.TaskOOM(container_id=proc.container_id))
         if proc.io is not None:
             await proc.io.drain()
             proc.io.close_fds()
@@ -337,6 +349,7 @@ class Pod:
             raise ProcessGone(f"process {cid}/{exec_id}: process already finished")
         if proc.status is Status.CREATED:
             proc.may_report.set()  # killed before start: its exit follows create
+        await self.pauser.thaw(self.sandbox, cid)  # not wait for a resume that may not come
         try:
             await self._running_sandbox().call(
                 schema.Method.SIGNAL_PROCESS, schema.SignalProcess(cid, exec_id, signal, all))
@@ -354,32 +367,45 @@ class Pod:
         if proc.io is not None:
             await proc.io.close_stdin()
 
-    # ------------------------------------------------------------------ pause
+    # ------------------------------------------------------------------ pause / resources
 
     async def pause(self, cid: str) -> None:
-        self.container(cid)
-        await self._pause_vm(cid, pause=True)
-        self.publisher.publish(events_pb2.TaskPaused(container_id=cid))
+        ctr = self.container(cid)
+        if ctr.init.status is not Status.RUNNING:
+            raise InvalidState(f"container {cid} is {ctr.init.status.value}, not running")
+        # Alone in its sandbox: the whole VM stops; else the guest freezes its cgroup.
+        alone = not [c for c in self.containers.values()
+                     if c is not ctr and c.init.status is Status.RUNNING]
+        await self.pauser.pause(self._running_sandbox(), cid, alone)
 
     async def resume(self, cid: str) -> None:
         self.container(cid)
-        await self._pause_vm(cid, pause=False)
-        self.publisher.publish(events_pb2.TaskResumed(container_id=cid))
+        await self.pauser.resume(self._running_sandbox(), cid)
 
-    async def _pause_vm(self, cid: str, pause: bool) -> None:
-        # The whole VM stops (QMP stop/cont): right for a one-container sandbox; freezing
-        # one container of a pod needs the guest's cgroup freezer, which is not there yet.
-        others = [c for c in self.containers if c != cid
-                  and self.containers[c].init.status is Status.RUNNING]
-        if others:
-            raise NotImplementedError(f"pausing container {cid} alone in a pod with "
-                                      f"{', '.join(others)} is not supported yet")
+    async def stats(self, cid: str) -> schema.ContainerStats | None:
+        """The container's guest cgroup figures; None while the whole VM is paused."""
+        self.container(cid)
         sandbox = self._running_sandbox()
-        if pause == self.paused:
-            raise InvalidState(f"container {cid} is {'already' if pause else 'not'} paused")
-        assert sandbox.vm is not None
-        await (sandbox.vm.pause() if pause else sandbox.vm.resume())
-        self.paused = pause
+        if self.pauser.vm_paused:
+            return None
+        reply = await sandbox.call(schema.Method.STATS_CONTAINER, schema.ContainerRef(cid))
+        try:
+            return schema.ContainerStats.from_json(reply)
+        except schema.SchemaError as exc:
+            raise AgentError(f"container {cid}: bad stats from the guest: {exc}") from None
+
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        """linux.resources applied to the container's cgroup in the guest."""
+        ctr = self.container(cid)
+        if ctr.init.status is not Status.RUNNING or self.pauser.vm_paused:
+            raise InvalidState(f"container {cid} is not running (or its VM is paused)")
+        try:
+            await self._running_sandbox().call(schema.Method.UPDATE_CONTAINER,
+                                               schema.UpdateContainer(cid, resources))
+        except ProtocolError:
+            raise
+        except AgentError as exc:  # refused by the guest, e.g. more memory than the VM has
+            raise InvalidState(str(exc)) from None
 
     # ------------------------------------------------------------------ delete
 
@@ -397,7 +423,9 @@ class Pod:
             proc = ctr.init
             if proc.status is Status.RUNNING:
                 raise InvalidState(f"container {cid} is running: kill it first")
+            await self.pauser.thaw(self.sandbox, cid)
             await self._remove_from_guest(ctr)
+            self.pauser.forget(cid)
             if proc.status is Status.CREATED:  # never started: it is gone without an exit
                 proc.may_report.set()
                 self._exited(proc, 128 + 9)
@@ -427,6 +455,7 @@ class Pod:
             if proc.io is not None:
                 proc.io.close_fds()
         await ctr.placeholder.stop()
+        sharedfs.release(self.shared / ctr.id / "mounts")
         mounts.remove_bind(ctr.share)
         if ctr.mounted_rootfs:
             mounts.unmount(ctr.rootfs)
@@ -440,6 +469,8 @@ class Pod:
         self.containers.clear()
         if self._vm_watch is not None:
             self._vm_watch.cancel()
+        if self.pauser.vm_paused:  # a stopped VM would not answer the agent's shutdown
+            await self.pauser.thaw(self.sandbox, self.pauser.vm_paused_by)
         if self.sandbox is not None:
             sandbox, self.sandbox = self.sandbox, None
             await sandbox.__aexit__(None, None, None)
@@ -447,6 +478,7 @@ class Pod:
             if self.shared.exists():
                 for child in self.shared.iterdir():
                     mounts.remove_bind(child / "rootfs")
+            sharedfs.unmount_under(self.state_dir)  # never rmtree through a host bind
             shutil.rmtree(self.state_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.state_dir.parent.rmdir()

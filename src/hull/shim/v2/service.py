@@ -19,8 +19,10 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
 from hull import __version__
+from hull.agent import cgroup
 from hull.errors import (
     BundleError,
+    ConfigError,
     ContainerExists,
     ContainerNotFound,
     HullError,
@@ -28,13 +30,13 @@ from hull.errors import (
 )
 from hull.shim.proto import cgroups_v2_pb2, runtimeoptions_pb2, shim_pb2, task_types_pb2
 from hull.shim.ttrpc import Code, Context, Handler, TTRPCError
+from hull.shim.v2 import metrics
 from hull.shim.v2.mounts import MountSpec
 from hull.shim.v2.pod import CreateRequest, Pod, ProcessGone, Status
 from hull.shim.v2.stdio import StdioPaths
 
 SERVICE = "containerd.task.v2.Task"
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-METRICS_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 M = TypeVar("M", bound=Message)
 
 _STATUS = {Status.CREATED: task_types_pb2.CREATED, Status.RUNNING: task_types_pb2.RUNNING,
@@ -52,7 +54,7 @@ def grpc_error(exc: BaseException) -> TTRPCError:
         code = Code.ALREADY_EXISTS
     elif isinstance(exc, InvalidState):
         code = Code.FAILED_PRECONDITION
-    elif isinstance(exc, BundleError):
+    elif isinstance(exc, BundleError | ConfigError):
         code = Code.INVALID_ARGUMENT
     elif isinstance(exc, NotImplementedError):
         code = Code.UNIMPLEMENTED
@@ -177,7 +179,7 @@ class TaskService:
         proc = self.pod.process(r.id, r.exec_id)
         ctr = self.pod.container(r.id)
         status = _STATUS[proc.status]
-        if self.pod.paused and proc.status is Status.RUNNING:
+        if self.pod.pauser.is_paused(r.id) and proc.status is Status.RUNNING:
             status = task_types_pb2.PAUSED
         return shim_pb2.StateResponse(
             id=r.id, bundle=str(ctr.bundle), pid=proc.pid, status=status,
@@ -191,13 +193,15 @@ class TaskService:
         return shim_pb2.PidsResponse(processes=[task_types_pb2.ProcessInfo(pid=ctr.init.pid)])
 
     async def stats(self, r: shim_pb2.StatsRequest) -> Message:
-        self.pod.container(r.id)
+        figures = await self.pod.stats(r.id)
         pid = self.pod.qemu_pid()
+        if figures is not None:
+            return shim_pb2.StatsResponse(stats=metrics.as_any(
+                metrics.container_metrics(figures)))
         if pid is None:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"sandbox of {r.id} is not running")
-        metrics = vm_metrics(pid)
-        return shim_pb2.StatsResponse(stats=any_pb2.Any(
-            type_url=METRICS_TYPE_URL, value=metrics.SerializeToString()))
+        # The VM is stopped (paused) and its agent cannot answer: the host's view of it.
+        return shim_pb2.StatsResponse(stats=metrics.as_any(vm_metrics(pid)))
 
     async def connect(self, r: shim_pb2.ConnectRequest) -> Message:
         task_pid = 0
@@ -233,8 +237,20 @@ class TaskService:
 
     async def update(self, r: shim_pb2.UpdateTaskRequest) -> Message:
         self.pod.container(r.id)
-        raise TTRPCError(Code.UNIMPLEMENTED, f"update of {r.id}: changing the resources of a "
-                         "running hull container is not supported yet")
+        if r.resources.type_url and not r.resources.type_url.endswith("/LinuxResources"):
+            raise TTRPCError(Code.INVALID_ARGUMENT,
+                             f"update of {r.id}: resources of type {r.resources.type_url}")
+        try:
+            resources = json.loads(r.resources.value or b"{}")
+            # Checked here, so that bad input is InvalidArgument and only what the
+            # guest refuses (a limit beyond the VM) is FailedPrecondition.
+            if not isinstance(resources, dict):
+                raise ValueError("resources must be a JSON object")
+            cgroup.parse(resources, "resources")
+        except (ValueError, cgroup.CgroupError) as exc:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"update of {r.id}: {exc}") from exc
+        await self.pod.update(r.id, resources)
+        return empty_pb2.Empty()
 
     async def checkpoint(self, r: shim_pb2.CheckpointTaskRequest) -> Message:
         raise TTRPCError(Code.UNIMPLEMENTED, "checkpoint is not supported by hull")
