@@ -146,7 +146,7 @@ def stage(spec: dict[str, Any], bundle: Path, staging: Path, cid: str) -> dict[s
     try:
         for i, dest, host, is_dir, recursive, readonly in todo:
             try:
-                _bind(host, staging, relpath(cid, i), is_dir, recursive, readonly)
+                bind_into(host, staging, relpath(cid, i), is_dir, recursive, readonly)
             except OSError as exc:
                 raise ShareError(f"mount {dest}: cannot share bind source {host} into the "
                                  f"VM: {exc.strerror or exc}") from None
@@ -158,8 +158,10 @@ def stage(spec: dict[str, Any], bundle: Path, staging: Path, cid: str) -> dict[s
     return guest_spec(spec, staging, cid)
 
 
-def _bind(source: str, staging: Path, rel: str, is_dir: bool, recursive: bool,
-          readonly: bool) -> None:
+def bind_into(source: str, staging: Path, rel: str, is_dir: bool, recursive: bool,
+              readonly: bool) -> None:
+    """Bind ``source`` at ``staging/rel`` (nosuid, nodev, private; read-only if asked),
+    reaching the target without following any symlink: the guest can write the share."""
     parent, name = rel.rsplit("/", 1)
     dirfd = _open_dirs(staging, parent)
     tfd = mfd = -1

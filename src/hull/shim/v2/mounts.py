@@ -36,6 +36,7 @@ MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8  # the path may be in a directory the guest can write
 
 # option -> (clear?, flag), as containerd's parseMountOptions
 _FLAGS = {
@@ -89,7 +90,7 @@ def mount(source: str | None, target: str | Path, fstype: str | None, flags: int
 
 def unmount(target: str | Path) -> None:
     """Detach whatever is mounted on target (lazily: a busy mount does not fail delete)."""
-    while _libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
+    while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
         pass  # stacked mounts: peel all of them
     err = ctypes.get_errno()
     if err not in (errno.EINVAL, errno.ENOENT):
@@ -114,18 +115,6 @@ def mount_all(mounts: Iterable[MountSpec], target: Path) -> None:
     except MountError:
         if done:
             unmount(target)
-        raise
-
-
-def bind(source: Path, target: Path, readonly: bool) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    mount(str(source), target, None, MS_BIND | MS_REC)
-    try:
-        mount(None, target, None, MS_PRIVATE | MS_REC)
-        if readonly:
-            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-    except MountError:
-        unmount(target)
         raise
 
 

@@ -180,7 +180,10 @@ class Pod:
                 # agent remounts its root read-only when root.readonly says so, as runc.
                 readonly = False
                 share = self.shared / req.id / "rootfs"
-                mounts.bind(rootfs, share, readonly)
+                # The guest can write the share root: reach the target with no symlink
+                # followed, or a planted <shared>/<cid> link would aim the bind at the host.
+                sharedfs.bind_into(str(rootfs), self.shared, f"{req.id}/rootfs", is_dir=True,
+                                   recursive=True, readonly=readonly)
                 undo.callback(mounts.remove_bind, share)
                 # Host sources of bind mounts, staged at <shared>/<cid>/mounts (sharedfs).
                 guest_spec = sharedfs.stage(spec, bundle, self.shared, req.id)
