@@ -153,3 +153,24 @@ def test_hooks_run_in_the_foreground_too(hull: Runner, bundle: BundleFactory,
     kinds = [line.split()[0] for line in log.read_text().splitlines()]
     assert kinds == ["prestart", "createRuntime", "poststart", "poststop"]
     assert '"id": "hooked"' in log.read_text()
+
+
+def test_kill_and_state_of_a_foreground_run(bundle: BundleFactory, state_root: Path,
+                                            guest_assets_ready: None) -> None:
+    b = bundle(["sh", "-c", "trap 'echo got-usr1; exit 9' USR1; echo ready; "
+                "while true; do sleep 0.1; done"])
+    proc = subprocess.Popen([*HULL, "--root", str(state_root), "run", "-b", str(b), "fg"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        state = subprocess.run([*HULL, "--root", str(state_root), "state", "fg"],
+                               capture_output=True, check=True).stdout
+        assert b'"status": "running"' in state
+        done = subprocess.run([*HULL, "--root", str(state_root), "kill", "fg", "USR1"],
+                              capture_output=True, check=False)
+        assert done.returncode == 0, done.stderr
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 9 and out == b"got-usr1\n"

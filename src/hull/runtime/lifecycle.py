@@ -172,6 +172,17 @@ class Runtime:
         cdir, state = self.load(container_id)
         if not state.can_kill():
             raise InvalidState("container not running")
+        if foreground(state):
+            # `hull run` in the foreground forwards the signals it receives to its
+            # container (SIGKILL ends it, and with it the VM: the same outcome).
+            if all_processes:
+                raise InvalidState(f"container {container_id} runs under a foreground "
+                                   "`hull run`: kill --all is not available")
+            try:
+                os.kill(state.pid, signum)
+            except ProcessLookupError:
+                raise InvalidState("container not running") from None
+            return
         client.call(cdir, schema.Method.SIGNAL_PROCESS,
                     schema.SignalProcess(container_id, "", signum, all_processes))
 
@@ -276,11 +287,16 @@ def refresh(cdir: ContainerDir, state: ContainerState) -> ContainerState:
     if state.status in (Status.CREATED, Status.RUNNING, Status.PAUSED) and (
             (cdir.path / "exits" / "init.json").exists()
             or not alive(state.pid, state.pid_start)
-            or not alive(state.proxy_pid, state.proxy_start)):
+            or not (foreground(state) or alive(state.proxy_pid, state.proxy_start))):
         state.status = Status.STOPPED
     if state.status is Status.STOPPED:
         state.pid = 0
     return state
+
+
+def foreground(state: ContainerState) -> bool:
+    """A container of a foreground `hull run`: no proxy; that `hull` process owns the VM."""
+    return state.proxy_pid == 0
 
 
 def start_error(state: ContainerState) -> str:

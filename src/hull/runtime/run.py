@@ -28,7 +28,7 @@ from hull.oci.bundle import Bundle
 from hull.runtime import hooks, sharedfs
 from hull.runtime.lifecycle import oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
-from hull.runtime.state import ContainerDir, ContainerState, Status
+from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
 from hull.runtime.stdio import HostStdio, ProcessIO
 
 log = logging.getLogger("hull.run")
@@ -116,6 +116,7 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
         await sandbox.call(schema.Method.CREATE_CONTAINER, request)
         timeline.mark("create")
         state.status, state.pid = Status.CREATED, os.getpid()
+        state.pid_start = start_time(state.pid) or 0
         cdir.save(state)
         await _hooks(bundle, state, "prestart", "createRuntime", "createContainer")
         io.start_input()
