@@ -12,6 +12,7 @@ fi
 
 packages=(
     qemu-system-x86 busybox-static                        # run VMs; demo and test rootfs
+    qemu-system-arm                                       # arm64 guests under TCG (test_arm64.py)
     linux-source-6.1 build-essential flex bison bc        # hull kernel build
     libelf-dev libssl-dev cpio xz-utils zstd kmod
     python3 python3-venv python3-dev                      # Hull itself

@@ -346,7 +346,10 @@ def test_cli_registers_build_fetch_status() -> None:
     assert (args.force, args.keep_build, args.jobs) == (True, True, 3)
     assert args.func is cli_kernel._build
     args = _parser().parse_args(["kernel", "fetch"])
-    assert args.package == kernel.DEFAULT_IMAGE_PACKAGE and args.func is cli_kernel._fetch
+    # no --package: linux-image-<arch> (DEFAULT_IMAGE_PACKAGE on amd64)
+    assert (args.package, args.arch) == (None, None) and args.func is cli_kernel._fetch
+    args = _parser().parse_args(["kernel", "fetch", "--arch", "arm64"])
+    assert args.arch == "arm64"
     assert _parser().parse_args(["kernel", "status"]).func is cli_kernel._status
     with pytest.raises(SystemExit):
         _parser().parse_args(["kernel"])

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from hull.hypervisor.base import Accel, Share, VMConfig
+from hull.hypervisor.base import Accel, Nic, Share, VMConfig
 from hull.hypervisor.qemu import argv
 
 
@@ -59,6 +59,51 @@ def test_kernel_params_are_appended_last() -> None:
 def test_unknown_machine() -> None:
     with pytest.raises(ValueError, match="unknown machine type"):
         argv.build("q", config(machine_type="pc-i440fx"), argv.Fds(3, 4))
+
+
+def test_x86_machines_pass_the_16550_console_and_tsc() -> None:
+    for machine in ("microvm", "q35"):
+        params = argv.kernel_cmdline(config(machine_type=machine, tsc_khz=1000)).split()
+        assert "console=ttyS0" in params and "8250.nr_uarts=1" in params
+        assert "i8042.nokbd" in params and "tsc_early_khz=1000" in params
+        assert "console=ttyAMA0" not in params
+        assert argv.machine_for(machine).arch == "x86_64"
+    assert "pci=off" in argv.kernel_cmdline(config(machine_type="microvm")).split()
+    assert "pci=off" not in argv.kernel_cmdline(config(machine_type="q35")).split()
+
+
+def test_aarch64_virt_tcg() -> None:
+    shares = (Share("hullroot", Path("/b/rootfs")),)
+    nics = (Nic(tap_fd=9, mac="02:00:00:00:00:01", mtu=1500),)
+    args = argv.build("/usr/bin/qemu-system-aarch64",
+                      config(machine_type="virt", kernel=Path("/k/Image"), tsc_khz=2596142,
+                             shares=shares, nics=nics),
+                      argv.Fds(5, 6))
+    assert args[0] == "/usr/bin/qemu-system-aarch64"
+    assert opt(args, "-machine") == ["virt,gic-version=3,accel=tcg"]
+    assert opt(args, "-cpu") == ["max,pauth-impdef=on"]
+    assert opt(args, "-kernel") == ["/k/Image"]
+    params = opt(args, "-append")[0].split()
+    assert "console=ttyAMA0" in params  # the PL011 UART
+    for x86_only in ("console=ttyS0", "8250.nr_uarts=1", "i8042.nokbd", "pci=off",
+                     "tsc_early_khz=2596142"):
+        assert x86_only not in params
+    assert {*argv.BASE_KERNEL_PARAMS} <= {*params}
+    # virtio-mmio transports of -machine virt: the "-device" variants, no PCI option ROMs
+    devices = opt(args, "-device")
+    assert "virtio-serial-device,id=vser0" in devices
+    assert "virtio-rng-device,rng=rng0" in devices
+    assert "virtio-9p-device,fsdev=fs0,mount_tag=hullroot" in devices
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1500" in devices
+    assert not any("-pci" in d or "romfile" in d for d in devices)
+    assert opt(args, "-serial") == ["chardev:console"]
+    assert argv.machine_for("virt").arch == "aarch64"
+
+
+def test_aarch64_virt_kvm_uses_the_host_cpu() -> None:
+    args = argv.build("q", config(machine_type="virt", accel=Accel.KVM), argv.Fds(3, 4))
+    assert opt(args, "-machine") == ["virt,gic-version=3,accel=kvm"]
+    assert opt(args, "-cpu") == ["host"]
 
 
 def test_console_tail_keeps_the_panic_not_the_backtrace(tmp_path: Path) -> None:

@@ -127,6 +127,13 @@ def add_entropy(entropy: bytes) -> None:
             fcntl.ioctl(fd, sc.RNDADDENTROPY, info)
         except OSError:
             os.write(fd, entropy)  # mixed in without credit
+        # Reseed the kernel's CRNG from the pool now, not at its next scheduled reseed: a
+        # VM restored from a template (hull.runtime.factory) starts with its template's
+        # CRNG state, and two clones must never produce the same bytes.
+        try:
+            fcntl.ioctl(fd, sc.RNDRESEEDCRNG)
+        except OSError as exc:
+            log(f"crng reseed: {exc.strerror}")
     finally:
         os.close(fd)
 

@@ -21,6 +21,7 @@ an unknown action, operator or architecture is an error naming it.
 
 from __future__ import annotations
 
+import os
 import struct
 
 TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
@@ -177,12 +178,24 @@ def _arg_check(asm: _Asm, cond: Any, what: str, fail: str, uid: str) -> None:
     asm.label(passed)
 
 
-def compile_profile(profile: Any, what: str = "linux.seccomp") -> Filter:
-    """The Filter for an OCI seccomp object; SeccompError names what is wrong."""
+def compile_profile(profile: Any, what: str = "linux.seccomp",
+                    machine: str | None = None) -> Filter:
+    """The Filter for an OCI seccomp object; SeccompError names what is wrong.
+
+    ``machine`` is the guest's ``uname -m`` (default: this one's); only x86_64 has a
+    syscall table, any other is refused with a SeccompError.
+    """
     from hull.agent import syscall_table
 
     if not isinstance(profile, dict):
         raise SeccompError(f"{what} must be an object")
+    if machine is None:
+        machine = os.uname().machine
+    if machine != "x86_64":
+        # The syscall table and the arch check below are x86_64's: refuse rather than
+        # install a filter that would match the wrong syscalls (or silently run without).
+        raise SeccompError(f"{what}: seccomp profiles are supported on x86_64 guests only, "
+                           f"not on this {machine} guest (remove linux.seccomp)")
     default = _action(profile.get("defaultAction"), profile.get("defaultErrnoRet"),
                       f"{what}.defaultAction")
     arches = profile.get("architectures") or []

@@ -72,22 +72,26 @@ TIOCSPTLCK = 0x40045431
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 MODULE_INIT_COMPRESSED_FILE = 4
 
-_ARCH_SYSCALLS = {
-    # name: (x86_64, aarch64)
-    "finit_module": (313, 273),
-    "seccomp": (317, 277),
-    "capset": (126, 91),
-    "pidfd_open": (434, 434),
-    "pidfd_getfd": (438, 438),
+#: Raw syscall numbers, by ``uname -m``: x86_64's <asm/unistd_64.h>, and aarch64's, which
+#: is the generic table (<asm-generic/unistd.h>). Only for calls glibc has no wrapper for
+#: (everything else goes through libc's own wrappers, which know their architecture).
+SYSCALL_NUMBERS = {
+    "x86_64": {"finit_module": 313, "seccomp": 317, "capset": 126, "pidfd_open": 434,
+               "pidfd_getfd": 438},
+    "aarch64": {"finit_module": 273, "seccomp": 277, "capset": 91, "pidfd_open": 434,
+                "pidfd_getfd": 438},
 }
-_MACHINE = os.uname().machine
-_ARCH = 0 if _MACHINE == "x86_64" else 1
+MACHINE = os.uname().machine
 
 
-def _nr(name: str) -> int:
-    return _ARCH_SYSCALLS[name][_ARCH]
+def _nr(name: str, machine: str = MACHINE) -> int:
+    try:
+        return SYSCALL_NUMBERS[machine][name]
+    except KeyError:
+        raise OSError(38, f"{name}: no syscall number for {machine}") from None  # ENOSYS
 
 
 def _fs(path: str | bytes | None) -> bytes | None:

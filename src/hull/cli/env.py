@@ -33,8 +33,9 @@ def collect(ctx: Context) -> dict[str, Any]:
     config = ctx.config
     hv = config.hypervisor
     assets = store.AssetStore(config.asset_dir)
-    kernel = assets.current(store.KERNEL)
-    image = assets.current(store.IMAGE)
+    arch = store.debian_arch(hv.arch)  # the guest's: kernel/current-arm64 for "virt"
+    kernel = assets.current(store.KERNEL, arch)
+    image = assets.current(store.IMAGE, arch)
     qemu = shutil.which(hv.path) or ""
     qemu_version = ""
     if qemu:
@@ -66,7 +67,7 @@ def collect(ctx: Context) -> dict[str, Any]:
             "root": str(ctx.root),
             "asset_dir": str(config.asset_dir),
             "qemu": qemu,
-            "kernel": hv.kernel or (str(kernel.path / "vmlinux") if kernel else ""),
+            "kernel": hv.kernel or (str(kernel.kernel_file) if kernel else ""),
             "image": hv.image or (str(image.path / "initrd.img") if image else ""),
             "hull": shutil.which("hull") or "",
             "containerd_shim": shutil.which("containerd-shim-hull-v2") or "",

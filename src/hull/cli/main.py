@@ -7,41 +7,29 @@ which adds its parser and sets ``func`` to a callable ``(Context, Namespace) -> 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from hull import __version__
-from hull.cli import (
-    check,
-    create,
-    debug,
-    delete,
-    env,
-    events,
-    exec_,
-    features,
-    helpers,
-    image,
-    kernel,
-    kill,
-    list_,
-    logs,
-    monitor,
-    pause,
-    ps,
-    run,
-    spec,
-    start,
-    state,
-    update,
-)
 from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
 from hull.errors import HullError
 
-VERBS = (create, start, run, state, kill, delete, exec_, ps, list_, pause, spec, features,
-         check, kernel, image, helpers, events, update, env, logs, debug, monitor)
+#: The hull.cli modules, in --help order, with the verbs each registers. A command imports
+#: only the module of its verb: the verbs' runtimes import asyncio, qemu.qmp, pyroute2,
+#: prometheus_client ..., and importing them all cost every `hull` call ~100 ms (clients
+#: call `hull` several times per container). Add a new verb's module here.
+VERBS: dict[str, tuple[str, ...]] = {
+    "create": ("create",), "start": ("start",), "run": ("run",), "state": ("state",),
+    "kill": ("kill",), "delete": ("delete",), "exec_": ("exec",), "ps": ("ps",),
+    "list_": ("list",), "pause": ("pause", "resume"), "spec": ("spec",),
+    "features": ("features",), "check": ("check",), "kernel": ("kernel",),
+    "image": ("image",), "helpers": ("proxy", "shim"), "events": ("events",),
+    "update": ("update",), "env": ("env",), "logs": ("logs",), "debug": ("debug",),
+    "monitor": ("monitor",), "factory": ("factory",),
+}
 log = logging.getLogger("hull")
 
 
@@ -54,7 +42,9 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the subcommand that ``argv`` (default: sys.argv) names, or with
+    all of them when it names none (see _modules)."""
     parser = Parser(
         prog="hull",
         description="Hull: an OCI runtime that runs every container in its own lightweight VM.",
@@ -76,13 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", "-v", action="version",
                         version=f"hull version {__version__}\nspec: 1.1.0")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    for verb in VERBS:
-        verb.register(sub)
+    for module in _modules(parser, argv):
+        importlib.import_module(f"hull.cli.{module}").register(sub)
     return parser
 
 
+def _modules(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
+    """The module of the verb in ``argv``; all of them when there is none (--help) or it
+    is not one we know (argparse then reports it as it always did)."""
+    with_value = {opt for action in parser._actions if action.nargs != 0
+                  for opt in action.option_strings}
+    args = iter(sys.argv[1:] if argv is None else argv)
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith("-"):
+            if "=" not in arg and arg in with_value:
+                next(args, None)  # the option's value
+            continue
+        for module, verbs in VERBS.items():
+            if arg in verbs:
+                return [module]
+        break
+    return list(VERBS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:

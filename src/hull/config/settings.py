@@ -7,6 +7,7 @@ a default; unknown keys and wrong types are rejected with the key named.
 from __future__ import annotations
 
 import os
+import platform
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,15 +18,26 @@ from hull.errors import ConfigError
 DEFAULT_PATH = Path("/etc/hull/configuration.toml")
 ENV_VAR = "HULL_CONFIG"
 ACCELERATORS = ("auto", "kvm", "tcg")
-MACHINE_TYPES = ("microvm", "q35")
+MACHINE_TYPES = ("microvm", "q35", "virt")
+#: The guest architecture (uname -m) of each machine type: "virt" is aarch64's.
+MACHINE_ARCH = {"microvm": "x86_64", "q35": "x86_64", "virt": "aarch64"}
+#: The machine type an empty hypervisor.machine_type means, by host architecture.
+DEFAULT_MACHINE = {"x86_64": "microvm", "aarch64": "virt"}
+
+
+def host_arch() -> str:
+    return platform.machine()
 
 
 @dataclass
 class HypervisorConfig:
-    path: str = "qemu-system-x86_64"
+    #: Empty: qemu-system-<the guest architecture> (filled in by resolve_defaults()).
+    path: str = ""
     kernel: str = ""
     image: str = ""
-    machine_type: str = "microvm"
+    #: Empty: the host architecture's machine (filled in by resolve_defaults()); "virt"
+    #: runs an aarch64 guest, emulated (TCG) on an x86_64 host.
+    machine_type: str = ""
     default_vcpus: int = 1
     default_memory_mib: int = 256
     accelerator: str = "auto"
@@ -34,7 +46,24 @@ class HypervisorConfig:
     boot_timeout: float = 30.0
     sandbox: bool = True
 
+    def __post_init__(self) -> None:
+        self.resolve_defaults()
+
+    @property
+    def arch(self) -> str:
+        """The guest's architecture (uname -m), from the machine type."""
+        return MACHINE_ARCH.get(self.machine_type or DEFAULT_MACHINE.get(host_arch(), ""),
+                                host_arch())
+
+    def resolve_defaults(self) -> None:
+        """Fill the keys whose default depends on the host or on another key."""
+        if not self.machine_type:
+            self.machine_type = DEFAULT_MACHINE.get(host_arch(), "microvm")
+        if not self.path:
+            self.path = f"qemu-system-{self.arch}"
+
     def check(self) -> None:
+        self.resolve_defaults()
         _one_of("hypervisor.accelerator", self.accelerator, ACCELERATORS)
         _one_of("hypervisor.machine_type", self.machine_type, MACHINE_TYPES)
         _in_range("hypervisor.default_vcpus", self.default_vcpus, 1, 256)
@@ -63,16 +92,39 @@ class RuntimeConfig:
                                   "overridden by annotations")
 
 
+@dataclass
+class FactoryConfig:
+    """VM templates (hull.runtime.factory): new sandboxes are clones of a booted one."""
+
+    enabled: bool = False
+    #: Where templates live: their RAM is a file here, so a tmpfs (or hugetlbfs).
+    template_dir: str = "/dev/shm/hull-factory"
+    #: Clones restored ahead of demand (not implemented yet: must stay 0).
+    pool_size: int = 0
+    #: Seconds a clone may take to restore before Hull gives up and boots cold.
+    restore_timeout: float = 10.0
+
+    def check(self) -> None:
+        if not os.path.isabs(self.template_dir):
+            raise ConfigError("factory.template_dir must be an absolute path, not "
+                              f"{self.template_dir!r}")
+        _in_range("factory.pool_size", self.pool_size, 0, 0)
+        _in_range("factory.restore_timeout", self.restore_timeout, 0.1, 600)
+
+
 #: The tables of configuration.toml and the dataclass of each.
-SECTIONS: dict[str, type[Any]] = {"hypervisor": HypervisorConfig, "runtime": RuntimeConfig}
+SECTIONS: dict[str, type[Any]] = {"hypervisor": HypervisorConfig, "runtime": RuntimeConfig,
+                                  "factory": FactoryConfig}
 #: Keys no annotation may set, whatever the allow-list says.
-NOT_OVERRIDABLE = frozenset({"runtime.annotation_allowlist", "runtime.asset_dir"})
+NOT_OVERRIDABLE = frozenset({"runtime.annotation_allowlist", "runtime.asset_dir",
+                             "factory.template_dir"})
 
 
 @dataclass
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     source: Path | None = None
 
     @property
@@ -82,6 +134,7 @@ class Config:
     def check(self) -> None:
         self.hypervisor.check()
         self.runtime.check()
+        self.factory.check()
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """The effective settings, one table per section (as configuration.toml)."""
@@ -141,5 +194,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         if section is None:
             raise ConfigError(f"{source}: unknown table [{name}]")
         _fill(section, name, table, source)
+    if not data.get("hypervisor", {}).get("path"):
+        config.hypervisor.path = ""  # follows the configured machine_type's architecture
     config.check()
     return config

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import struct
 import subprocess
 import tempfile
@@ -110,8 +111,15 @@ def test_boot(qemu: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     return None
 
 
-def probe(qemu: str, cpuinfo: str | None = None) -> Decision:
+def probe(qemu: str, cpuinfo: str | None = None, machine: str | None = None) -> Decision:
     """Whether KVM really works on this host (uncached)."""
+    if (machine or platform.machine()) == "aarch64":
+        # No vmx/svm flag to look for, and the test boot is an x86 PVH payload: on arm64
+        # a /dev/kvm that answers and creates a VM is taken as working.
+        problem = kvm_device_works()
+        if problem:
+            return Decision(Accel.TCG, problem)
+        return Decision(Accel.KVM, "/dev/kvm works (arm64 host)")
     if cpuinfo is None:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     if not cpu_has_virt(cpuinfo):

@@ -61,6 +61,14 @@ class VMConfig:
     nics: tuple[Nic, ...] = ()
     #: run QEMU in this network namespace (an open fd; -1: the caller's own)
     netns_fd: int = -1
+    #: guest RAM in this file (a VM template's, on tmpfs) instead of anonymous memory;
+    #: ``memory_shared``: map it shared (the template writes it) or private
+    #: (copy-on-write: a clone). None: anonymous memory.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    #: restore device state from this inherited fd (-incoming fd:N) instead of booting;
+    #: -1: boot. Template RAM is never part of the stream (x-ignore-shared).
+    incoming_fd: int = -1
     extra_args: tuple[str, ...] = field(default=())
 
 

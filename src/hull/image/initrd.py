@@ -36,7 +36,7 @@ import hull
 from hull.config.settings import Config
 from hull.errors import AssetError
 from hull.image import cpio, debs
-from hull.image.store import IMAGE, KERNEL, Asset, AssetStore
+from hull.image.store import IMAGE, KERNEL, Asset, AssetStore, debian_arch
 from hull.image.trim import ModuleSet, compile_to, find_modules, package_modules
 
 # Bump when the image's content changes for the same inputs (layout, trimming, /init ...).
@@ -136,9 +136,12 @@ class KernelModules:
     files: tuple[Path, ...]  # in load order
 
 
-def kernel_modules(store: AssetStore) -> KernelModules:
-    """The current kernel's modules when it is a Debian kernel (a built one has none)."""
-    kernel = store.current(KERNEL)
+def kernel_modules(store: AssetStore, arch: str | None = None) -> KernelModules:
+    """The current kernel's modules when it is a Debian kernel (a built one has none).
+
+    ``arch``: the guest architecture (Debian name) whose current kernel counts.
+    """
+    kernel = store.current(KERNEL, arch)
     if kernel is None or kernel.manifest.get("flavor") != "debian":
         return KernelModules(None, ())
     names = kernel.manifest.get("modules") or []
@@ -166,10 +169,12 @@ class ImageStatus:
 def current_image_status(config: Config) -> ImageStatus:
     """Whether the current image matches the installed agent sources and current kernel.
 
+    The image and kernel of the configured guest architecture (hypervisor.machine_type).
     Cheap (no apt, no network): package updates are only noticed by ``hull image build``.
     """
     store = AssetStore(config.asset_dir)
-    asset = store.current(IMAGE)
+    arch = debian_arch(config.hypervisor.arch)
+    asset = store.current(IMAGE, arch)
     if asset is None:
         return ImageStatus(None, True, "no image has been built (run hull image build)")
     m = asset.manifest
@@ -184,7 +189,7 @@ def current_image_status(config: Config) -> ImageStatus:
         reason = "it is a test image with another /init"
     else:
         try:
-            kernel_key = kernel_modules(store).kernel_key
+            kernel_key = kernel_modules(store, arch).kernel_key
         except AssetError as exc:
             kernel_key, reason = None, str(exc)
         if not reason and m.get("kernel_key") != kernel_key:
@@ -218,16 +223,19 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     if sys.version_info[:2] != PYTHON_VERSION:
         raise AssetError(f"building the image needs python {PYTHON_VERSION[0]}."
                          f"{PYTHON_VERSION[1]} to compile its .pyc, not {sys.version.split()[0]}")
-    arch = arch or debs.host_arch()
+    arch = debian_arch(arch) if arch else debs.host_arch()
     info = debs.arch_info(arch)
     store = AssetStore(config.asset_dir)
-    kmods = kernel_modules(store)
+    kmods = kernel_modules(store, arch)
     agent = agent_hash()
     apt = debs.Apt(arch)
+    if with_busybox and arch != debs.host_arch():
+        raise AssetError(f"--with-busybox copies the host's {BUSYBOX}, which cannot run in "
+                         f"an {arch} guest: build the {arch} image without it")
     busybox = busybox_hash() if with_busybox else None
 
     progress("resolve", f"package versions for {arch}")
-    current = store.current(IMAGE)
+    current = store.current(IMAGE, arch)
     names = BASE_PACKAGES
     if current and current.manifest.get("arch") == arch and current.manifest.get("packages"):
         names = tuple(current.manifest["packages"])
@@ -237,7 +245,7 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     existing = store.get(IMAGE, key)
     if not force and existing and (existing.path / "initrd.img").is_file():
         if publish and (current is None or current.key != key):
-            store.publish(IMAGE, key)
+            store.publish(IMAGE, key, arch)
         return BuildResult(existing, built=False)
 
     with tempfile.TemporaryDirectory(prefix="hull-image-") as tmp:
@@ -285,7 +293,7 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
             }
             store.write_manifest(out_dir, manifest)
     if publish:
-        store.publish(IMAGE, key)
+        store.publish(IMAGE, key, arch)
     asset = store.get(IMAGE, key)
     assert asset is not None
     return BuildResult(asset, built=True)

@@ -5,6 +5,9 @@ Both flavors end up as ``kernel/<key>/`` in the :class:`AssetStore`:
 ``vmlinux``
     uncompressed ELF with a PVH entry note: QEMU boots it with ``-kernel`` directly, which
     saves the ~1 s a bzImage spends decompressing itself under TCG.
+``Image``
+    instead of ``vmlinux`` for arm64 (manifest ``"boot_file"``): the uncompressed arm64
+    boot image, which QEMU's ``-machine virt`` boots with ``-kernel`` (no PVH there).
 ``manifest.json``
     ``{"key", "flavor", "release", "source", "arch", "vmlinux_size", "compressed_size",
     "modules"}`` (docs/internals.md).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
@@ -71,23 +75,50 @@ External = Callable[[str, bytes], bytes]
 
 @dataclass(frozen=True)
 class Arch:
-    """How one host architecture is named by the kernel's make and by dpkg."""
+    """How one guest architecture is named by the kernel's make and by dpkg."""
 
     make_arch: str  # ARCH= for make; x86_64 (not x86) makes tinyconfig 64-bit
     image: str  # the compressed image make builds, relative to the tree
     debian: str
+    #: the file QEMU boots, in the asset: an x86 PVH vmlinux, an arm64 Image
+    boot_file: str = "vmlinux"
+    #: make targets of a build
+    targets: tuple[str, ...] = ("vmlinux", "bzImage")
+    #: CROSS_COMPILE prefix when this is not the host's architecture (Debian's cross gcc)
+    cross_prefix: str = ""
+    cross_package: str = ""
+    #: options a fetched Debian kernel must have built in (not as modules)
+    builtin: tuple[str, ...] = ()
 
 
-ARCHES = {"x86_64": Arch(make_arch="x86_64", image="arch/x86/boot/bzImage", debian="amd64")}
+_BUILTIN = ("CONFIG_BLK_DEV_INITRD", "CONFIG_DEVTMPFS", "CONFIG_MODULES", "CONFIG_TMPFS",
+            "CONFIG_UNIX")
+ARCHES = {
+    "x86_64": Arch(make_arch="x86_64", image="arch/x86/boot/bzImage", debian="amd64",
+                   cross_prefix="x86_64-linux-gnu-", cross_package="gcc-x86-64-linux-gnu",
+                   builtin=("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", *_BUILTIN)),
+    "aarch64": Arch(make_arch="arm64", image="arch/arm64/boot/Image.gz", debian="arm64",
+                    boot_file="Image", targets=("Image", "Image.gz"),
+                    cross_prefix="aarch64-linux-gnu-", cross_package="gcc-aarch64-linux-gnu",
+                    builtin=("CONFIG_SERIAL_AMBA_PL011_CONSOLE", *_BUILTIN)),
+}
+#: Debian's names for the same architectures
+_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 def host_arch() -> str:
     return platform.machine()
 
 
+def canonical_arch(arch: str | None) -> str:
+    """uname -m name of ``arch`` (which may be Debian's: arm64), the host's if None."""
+    arch = arch or host_arch()
+    return _ALIASES.get(arch, arch)
+
+
 def arch_info(arch: str) -> Arch:
     try:
-        return ARCHES[arch]
+        return ARCHES[canonical_arch(arch)]
     except KeyError:
         raise AssetError(f"no guest kernel recipe for architecture {arch}") from None
 
@@ -342,7 +373,7 @@ class GuestModule:
 # What the guest needs, transports first. Dependencies (virtio, virtio_ring, netfs,
 # fscache, vsock, failover ...) are added from modules.dep.
 GUEST_MODULES = (
-    GuestModule("virtio_mmio", True, "the devices of -machine microvm"),
+    GuestModule("virtio_mmio", True, "the devices of -machine microvm and of arm64 virt"),
     GuestModule("virtio_pci", False, "the devices of -machine q35"),
     GuestModule("virtio_console", True, "the agent channel (virtio-serial)"),
     GuestModule("virtio_rng", True, "guest entropy"),
@@ -354,9 +385,9 @@ GUEST_MODULES = (
     GuestModule("virtio_blk", False, "block devices"),
     GuestModule("virtio_balloon", False, "memory ballooning"),
 )
-# Options a fetched kernel must have built in (they cannot come from a module).
-REQUIRED_BUILTIN = ("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_BLK_DEV_INITRD",
-                    "CONFIG_DEVTMPFS", "CONFIG_MODULES", "CONFIG_TMPFS", "CONFIG_UNIX")
+# Options a fetched x86_64 kernel must have built in (they cannot come from a module);
+# Arch.builtin has every architecture's.
+REQUIRED_BUILTIN = ARCHES["x86_64"].builtin
 _KO_SUFFIX = re.compile(r"\.ko(\.xz|\.gz|\.zst)?$")
 
 
@@ -645,7 +676,8 @@ class KernelResult:
 
     @property
     def vmlinux(self) -> Path:
-        return self.asset.path / "vmlinux"
+        """The file QEMU boots (an arm64 kernel's is ``Image``)."""
+        return self.asset.kernel_file
 
 
 def source_version() -> str:
@@ -663,8 +695,10 @@ def source_version() -> str:
     return proc.stdout.strip()
 
 
-def check_build_tools() -> None:
+def check_build_tools(info: Arch | None = None) -> None:
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
+    if info is not None and _cross(info) and shutil.which(f"{info.cross_prefix}gcc") is None:
+        missing.append(info.cross_package)
     if not Path("/usr/include/gelf.h").exists():  # objtool links libelf
         missing.append("libelf-dev")
     if missing:
@@ -672,13 +706,18 @@ def check_build_tools() -> None:
                          f"apt-get install {BUILD_PACKAGES}")
 
 
-def _up_to_date(store: AssetStore, key: str) -> KernelResult | None:
+def _cross(info: Arch) -> bool:
+    return info is not arch_info(host_arch()) if host_arch() in ARCHES else True
+
+
+def _up_to_date(store: AssetStore, key: str, arch: str | None = None) -> KernelResult | None:
     asset = store.get(KERNEL, key)
-    if asset is None or not (asset.path / "vmlinux").is_file():
+    if asset is None or not asset.kernel_file.is_file():
         return None
-    current = store.current(KERNEL)
+    current = store.current(KERNEL, arch)
     if current is None or current.path != asset.path:
-        store.publish(KERNEL, key)  # asking for this kernel again makes it the one in use
+        # asking for this kernel again makes it the one in use (for its architecture)
+        store.publish(KERNEL, key, arch)
     return KernelResult(asset, up_to_date=True)
 
 
@@ -686,15 +725,15 @@ def build(asset_dir: Path, *, force: bool = False, keep_build: bool = False,
           jobs: int | None = None, arch: str | None = None,
           progress: Progress | None = None) -> KernelResult:
     """`hull kernel build`: a minimal kernel from linux-source, cached by its inputs."""
-    arch = arch or host_arch()
+    arch = canonical_arch(arch)
     info = arch_info(arch)
     fragments = load_fragments(arch)
     version = source_version()
     key = build_key(version, arch, fragments)
     store = AssetStore(asset_dir)
-    if not force and (cached := _up_to_date(store, key)) is not None:
+    if not force and (cached := _up_to_date(store, key, arch)) is not None:
         return cached
-    check_build_tools()
+    check_build_tools(info)
     build_dir = asset_dir / "build" / f"kernel-{key}"
     started = time.monotonic()
     with _lock(build_dir.with_name(f"kernel-{key}.lock")):
@@ -718,6 +757,10 @@ def _build_env(info: Arch) -> dict[str, str]:
                KBUILD_BUILD_USER="hull", KBUILD_BUILD_HOST="hull")
     env.pop("LOCALVERSION", None)  # CONFIG_LOCALVERSION alone names the release
     env.pop("MAKEFLAGS", None)
+    if _cross(info):  # e.g. arm64 on an x86_64 host: Debian's gcc-aarch64-linux-gnu
+        env["CROSS_COMPILE"] = info.cross_prefix
+    else:
+        env.pop("CROSS_COMPILE", None)
     return env
 
 
@@ -731,25 +774,31 @@ def _build_in(store: AssetStore, key: str, version: str, info: Arch, arch: str,
         tree = _extract_source(build_dir, logbook, progress)
         progress.phase("configuring (tinyconfig + kconfig fragments)")
         _configure(tree, fragments, logbook)
-        progress.phase(f"compiling vmlinux and bzImage (make -j{jobs})")
+        progress.phase(f"compiling {' and '.join(info.targets)} (make -j{jobs})")
         make = ["make", f"ARCH={info.make_arch}", f"-j{jobs}"]
-        logbook.run([*make, "vmlinux", "bzImage"], tree)
+        logbook.run([*make, *info.targets], tree)
         progress.phase("storing")
         release = _run(["make", "-s", f"ARCH={info.make_arch}", "kernelrelease"],
                        "read the kernel release", cwd=tree, env=logbook.env).strip()
         with store.building(KERNEL, key) as out:
-            _strip_vmlinux(tree / "vmlinux", out / "vmlinux")
+            if info.boot_file == "vmlinux":
+                _strip_vmlinux(tree / "vmlinux", out / "vmlinux",
+                               f"{info.cross_prefix}strip" if _cross(info) else "strip")
+            else:
+                shutil.copyfile(tree / "arch" / info.make_arch / "boot" / info.boot_file,
+                                out / info.boot_file)
             shutil.copyfile(tree / ".config", out / "config")
             store.write_manifest(out, {
                 "key": key, "flavor": "built", "release": release,
                 "source": version, "package": SOURCE_PACKAGE, "arch": arch,
-                "vmlinux_size": (out / "vmlinux").stat().st_size,
+                "boot_file": info.boot_file,
+                "vmlinux_size": (out / info.boot_file).stat().st_size,
                 "compressed_size": (tree / info.image).stat().st_size,
                 "modules": [],
             })
             logbook.close()
             shutil.copyfile(logbook.path, out / "build.log")
-        store.publish(KERNEL, key)
+        store.publish(KERNEL, key, arch)
     finally:
         logbook.close()
     asset = store.get(KERNEL, key)
@@ -798,9 +847,9 @@ def _configure(tree: Path, fragments: Sequence[Fragment], logbook: BuildLog) -> 
                          f"its dependencies are missing{more}")
 
 
-def _strip_vmlinux(source: Path, dest: Path) -> None:
+def _strip_vmlinux(source: Path, dest: Path, strip: str = "strip") -> None:
     """Drop the symbol table (QEMU does not need it); the PVH note is in a loaded segment."""
-    _run(["strip", "--strip-all", "-o", str(dest), str(source)], f"strip {source}")
+    _run([strip, "--strip-all", "-o", str(dest), str(source)], f"strip {source}")
     if not has_pvh_note(dest.read_bytes()):
         raise AssetError(f"{dest} has no PVH entry note: is CONFIG_PVH set?")
 
@@ -815,13 +864,22 @@ class Package:
     version: str
 
 
-def resolve_package(name: str) -> Package:
-    """Follow a metapackage (linux-image-amd64) to the versioned kernel package."""
+def resolve_package(name: str, debian_arch: str | None = None) -> Package:
+    """Follow a metapackage (linux-image-amd64) to the versioned kernel package.
+
+    ``debian_arch``: look the packages up for that (foreign) architecture, e.g. arm64
+    after ``dpkg --add-architecture arm64 && apt-get update``.
+    """
+    qualifier = f":{debian_arch}" if debian_arch else ""
     for _ in range(3):  # metapackage -> image (-> a signed/unsigned indirection at most)
-        out = _run(["apt-cache", "show", "--no-all-versions", name], f"look up package {name}")
+        out = _run(["apt-cache", "show", "--no-all-versions", f"{name}{qualifier}"],
+                   f"look up package {name}{qualifier}")
         record = parse_apt_record(out)
         if not record.get("Version"):
-            raise AssetError(f"apt-cache has no candidate version of {name}: run apt-get update")
+            hint = (f"dpkg --add-architecture {debian_arch} && apt-get update" if qualifier
+                    else "apt-get update")
+            raise AssetError(f"apt-cache has no candidate version of {name}{qualifier}: "
+                             f"run {hint}")
         if _REAL_IMAGE.fullmatch(name):
             return Package(name, record["Version"])
         dependency = image_dependency(record)
@@ -831,15 +889,17 @@ def resolve_package(name: str) -> Package:
     raise AssetError(f"cannot resolve {name} to a versioned linux-image package")
 
 
-def fetch(asset_dir: Path, *, package: str = DEFAULT_IMAGE_PACKAGE, force: bool = False,
-          progress: Progress | None = None) -> KernelResult:
-    """`hull kernel fetch`: Debian's packaged kernel, as PVH vmlinux + guest modules."""
-    arch = host_arch()
+def fetch(asset_dir: Path, *, package: str | None = None, force: bool = False,
+          arch: str | None = None, progress: Progress | None = None) -> KernelResult:
+    """`hull kernel fetch`: Debian's packaged kernel, as PVH vmlinux (x86_64) or Image
+    (arm64) + guest modules. ``arch`` (default: the host's) may be a foreign one."""
+    arch = canonical_arch(arch)
     info = arch_info(arch)
-    pkg = resolve_package(package)
+    package = package or f"linux-image-{info.debian}"
+    pkg = resolve_package(package, info.debian if _cross(info) else None)
     key = fetch_key(pkg.name, pkg.version, info.debian)
     store = AssetStore(asset_dir)
-    if not force and (cached := _up_to_date(store, key)) is not None:
+    if not force and (cached := _up_to_date(store, key, arch)) is not None:
         return cached
     started = time.monotonic()
     scratch_root = asset_dir / "build"
@@ -857,10 +917,12 @@ def fetch(asset_dir: Path, *, package: str = DEFAULT_IMAGE_PACKAGE, force: bool 
 
 def _fetch_in(store: AssetStore, key: str, pkg: Package, arch: str, tmp: Path,
               progress: Progress) -> Asset:
+    info = arch_info(arch)
     progress.phase(f"downloading {pkg.name} {pkg.version}")
+    qualifier = f":{info.debian}" if _cross(info) else ""
     # The _apt sandbox user cannot write into our private temp dir: download as root.
     _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
-          f"{pkg.name}={pkg.version}"], f"download {pkg.name}", cwd=tmp)
+          f"{pkg.name}{qualifier}={pkg.version}"], f"download {pkg.name}", cwd=tmp)
     debs = sorted(tmp.glob("*.deb"))
     if not debs:
         raise AssetError(f"apt-get download {pkg.name} left no .deb in {tmp}")
@@ -869,35 +931,60 @@ def _fetch_in(store: AssetStore, key: str, pkg: Package, arch: str, tmp: Path,
     _run(["dpkg-deb", "-x", str(debs[0]), str(root)], f"unpack {debs[0]}")
     release, vmlinuz, config_path = _find_kernel(root, pkg)
     config = parse_kconfig(config_path.read_text())
-    absent = [sym for sym in REQUIRED_BUILTIN if config.get(sym) != "y"]
+    absent = [sym for sym in info.builtin if config.get(sym) != "y"]
     if absent:
         raise AssetError(f"{pkg.name} {pkg.version} lacks {', '.join(absent)} "
                          f"(must be built in, see {config_path.name})")
     progress.phase("choosing guest modules")
     moddir = _module_dir(root, release)
     plan = _plan(root, moddir, release, pkg)  # before the extraction: fail fast
-    progress.phase("extracting vmlinux")
-    try:
-        vmlinux = extract_vmlinux(vmlinuz.read_bytes())
-    except ValueError as exc:
-        raise AssetError(f"cannot extract vmlinux from {vmlinuz.name}: {exc}") from exc
-    if not has_pvh_note(vmlinux):
-        raise AssetError(f"vmlinux of {pkg.name} has no PVH entry note (CONFIG_PVH)")
+    progress.phase(f"extracting {info.boot_file}")
+    kernel = _boot_image(info, vmlinuz, pkg)
     with store.building(KERNEL, key) as out:
-        (out / "vmlinux").write_bytes(vmlinux)
+        (out / info.boot_file).write_bytes(kernel)
         shutil.copyfile(config_path, out / "config")
         names = _copy_modules(moddir, plan.paths, out / "modules")
         store.write_manifest(out, {
             "key": key, "flavor": "debian", "release": release, "source": pkg.version,
-            "package": pkg.name, "arch": arch, "vmlinux_size": len(vmlinux),
+            "package": pkg.name, "arch": arch, "boot_file": info.boot_file,
+            "vmlinux_size": len(kernel),
             "compressed_size": vmlinuz.stat().st_size, "modules": names,
             "builtin": plan.builtin,
         })
-    store.publish(KERNEL, key)
+    store.publish(KERNEL, key, arch)
     asset = store.get(KERNEL, key)
     if asset is None:
         raise AssetError(f"kernel {key} vanished from {store.dir(KERNEL, key)} after the fetch")
     return asset
+
+
+ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 0x38 of an arm64 Image (Documentation/arm64)
+
+
+def arm64_image(vmlinuz: bytes) -> bytes:
+    """The arm64 ``Image`` inside Debian's vmlinuz (a gzip of it), or the Image itself."""
+    data = vmlinuz
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"bad gzip data: {exc}") from exc
+    if data[0x38:0x3C] != ARM64_IMAGE_MAGIC:
+        raise ValueError("not an arm64 Image (no ARM\\x64 magic at 0x38)")
+    return data
+
+
+def _boot_image(info: Arch, vmlinuz: Path, pkg: Package) -> bytes:
+    """What QEMU boots, from the package's vmlinuz: a PVH vmlinux, or an arm64 Image."""
+    try:
+        if info.boot_file == "Image":
+            return arm64_image(vmlinuz.read_bytes())
+        vmlinux = extract_vmlinux(vmlinuz.read_bytes())
+    except ValueError as exc:
+        raise AssetError(f"cannot extract {info.boot_file} from {vmlinuz.name}: {exc}") from exc
+    if not has_pvh_note(vmlinux):
+        raise AssetError(f"vmlinux of {pkg.name} has no PVH entry note (CONFIG_PVH)")
+    return vmlinux
 
 
 def _find_kernel(root: Path, pkg: Package) -> tuple[str, Path, Path]:
@@ -935,7 +1022,8 @@ def _plan(root: Path, moddir: Path, release: str, pkg: Package) -> ModulePlan:
         message = (f"{pkg.name} {pkg.version} has no {module.name} module and does not build "
                    f"it in ({module.why})")
         if module.required:
-            raise AssetError(f"{message}; {DEFAULT_IMAGE_PACKAGE} has it")
+            raise AssetError(f"{message}; the generic flavor (e.g. {DEFAULT_IMAGE_PACKAGE}, "
+                             "linux-image-arm64) has it")
         log.warning("%s", message)
     return plan
 
@@ -964,6 +1052,6 @@ def _copy_modules(moddir: Path, paths: Sequence[str], dest: Path) -> list[str]:
 # hull kernel status
 
 
-def status(asset_dir: Path) -> Asset | None:
-    """The kernel in use (``kernel/current``), or None."""
-    return AssetStore(asset_dir).current(KERNEL)
+def status(asset_dir: Path, arch: str | None = None) -> Asset | None:
+    """The kernel in use (``kernel/current``, or ``current-<arch>``), or None."""
+    return AssetStore(asset_dir).current(KERNEL, arch)

@@ -19,20 +19,25 @@ class GuestAssets:
 def resolve(config: Config) -> GuestAssets:
     assets = store.AssetStore(config.asset_dir)
     hv = config.hypervisor
+    # The guest's architecture picks the assets: kernel/current for the host's, else
+    # kernel/current-<arch> (e.g. current-arm64 for machine_type "virt" on x86_64).
+    arch = store.debian_arch(hv.arch)
+    flag = "" if store.current_link(arch) == "current" else f" --arch {arch}"
     if hv.kernel:
         kernel = Path(hv.kernel)
     else:
-        current = assets.current(store.KERNEL)
+        current = assets.current(store.KERNEL, arch)
         if current is None:
-            raise AssetError(f"no guest kernel in {config.asset_dir}: run `hull kernel build` "
-                             "(or `hull kernel fetch`)")
-        kernel = current.path / "vmlinux"
+            raise AssetError(f"no {arch} guest kernel in {config.asset_dir}: run "
+                             f"`hull kernel build{flag}` (or `hull kernel fetch{flag}`)")
+        kernel = current.kernel_file
     if hv.image:
         initrd = Path(hv.image)
     else:
-        image = assets.current(store.IMAGE)
+        image = assets.current(store.IMAGE, arch)
         if image is None:
-            raise AssetError(f"no guest image in {config.asset_dir}: run `hull image build`")
+            raise AssetError(f"no {arch} guest image in {config.asset_dir}: run "
+                             f"`hull image build{flag}`")
         initrd = image.path / "initrd.img"
     for what, path in (("guest kernel", kernel), ("guest image", initrd)):
         if not path.is_file():

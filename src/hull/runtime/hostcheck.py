@@ -8,6 +8,7 @@ client integration is missing.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -51,13 +52,18 @@ def qemu_version(binary: str) -> tuple[str, tuple[int, int] | None]:
     return out, (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def _qemu_package(config: Config) -> str:
+    """Debian's package of the QEMU for the guest's architecture."""
+    return "qemu-system-arm" if config.hypervisor.arch == "aarch64" else "qemu-system-x86"
+
+
 def check_qemu(config: Config) -> tuple[Finding, str | None]:
     binary = shutil.which(config.hypervisor.path)
     if not binary:
         where = ("" if os.sep in config.hypervisor.path
                  else f" on PATH ({os.environ.get('PATH', '')})")
         return Finding("qemu", False, f"QEMU ({config.hypervisor.path}) not found{where}",
-                       "apt-get install qemu-system-x86 (or set hypervisor.path in "
+                       f"apt-get install {_qemu_package(config)} (or set hypervisor.path in "
                        "the configuration to the QEMU binary)"), None
     try:
         out, version = qemu_version(binary)
@@ -105,6 +111,11 @@ def check_9p(binary: str) -> Finding:
 
 
 def check_accel(config: Config, binary: str, state_root: Path | None) -> Finding:
+    if config.hypervisor.arch != platform.machine():
+        return Finding("accelerator", config.hypervisor.accelerator != "kvm",
+                       f"tcg: emulated {config.hypervisor.arch} guest on this "
+                       f"{platform.machine()} host (slow; for tests and image builds)",
+                       "set hypervisor.accelerator = \"auto\" or \"tcg\"")
     try:
         decision = accel.choose(config.hypervisor.accelerator, binary,
                                 state_root / "accel.json" if state_root else None)
@@ -123,12 +134,14 @@ def check_kernel(config: Config) -> Finding:
         return (Finding("kernel", True, f"{path} (from configuration)") if path.is_file()
                 else Finding("kernel", False, f"{path} does not exist",
                              "fix hypervisor.kernel or clear it and run `hull kernel build`"))
-    current = store.AssetStore(config.asset_dir).current(store.KERNEL)
-    if current is None or not (current.path / "vmlinux").is_file():
-        return Finding("kernel", False, f"no guest kernel in {config.asset_dir}",
-                       "hull kernel build (or hull kernel fetch)")
+    arch = store.debian_arch(config.hypervisor.arch)
+    current = store.AssetStore(config.asset_dir).current(store.KERNEL, arch)
+    if current is None or not current.kernel_file.is_file():
+        flag = "" if store.current_link(arch) == "current" else f" --arch {arch}"
+        return Finding("kernel", False, f"no {arch} guest kernel in {config.asset_dir}",
+                       f"hull kernel build{flag} (or hull kernel fetch{flag})")
     release = current.manifest.get("release", "?")
-    return Finding("kernel", True, f"{current.path / 'vmlinux'} ({release}, "
+    return Finding("kernel", True, f"{current.kernel_file} ({release}, "
                    f"{current.manifest.get('flavor', '?')})")
 
 

@@ -22,16 +22,17 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HullError
 from hull.hypervisor.base import Share
 from hull.network import host as netns
-from hull.proxy.router import Router
-from hull.runtime.sandbox import Sandbox
 from hull.runtime.state import ContainerDir
+
+if TYPE_CHECKING:
+    from hull.runtime.sandbox import Sandbox
 
 log = logging.getLogger("hull.proxyd")
 SOCKET_NAME = "proxy.sock"
@@ -64,6 +65,10 @@ def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
 async def serve(config: Config, root: Path, cdir: ContainerDir,
                 shares: tuple[Share, ...], ready_fd: int,
                 network: netns.Choice | None = None) -> int:
+    # Imported here: CLI commands import this module for connect(), and need neither.
+    from hull.proxy.router import Router
+    from hull.runtime.sandbox import Sandbox
+
     sandbox = Sandbox(config, cdir.id, cdir.console_log, shares, state_root=root,
                       network=network)
     stop = asyncio.Event()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import platform
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -138,12 +139,23 @@ class Sandbox:
         self.boot_profile: BootProfile | None = None
         self._started = 0.0
         self._qemu_up = 0.0
+        #: boot exactly this VM (a template being made, hull.runtime.factory), no clone
+        self.template_config: VMConfig | None = None
+        #: the template this sandbox was cloned from (None: booted cold)
+        self.cloned_from: Path | None = None
 
     def vm_config(self) -> VMConfig:
         hv = self.config.hypervisor
         assets = resolve(self.config)
         cache = self.state_root / "accel.json" if self.state_root else None
-        decision = accel.choose(hv.accelerator, hv.path, cache)
+        if hv.arch != platform.machine():
+            # Another architecture's guest (machine_type "virt" on x86_64): only TCG.
+            if hv.accelerator == "kvm":
+                raise HypervisorError(f"configuration requires KVM, but the {hv.arch} guest "
+                                      f"cannot use it on this {platform.machine()} host")
+            decision = accel.Decision(Accel.TCG, f"emulated {hv.arch} guest")
+        else:
+            decision = accel.choose(hv.accelerator, hv.path, cache)
         if decision.accel is Accel.TCG:
             log.info("sandbox %s: using TCG (software emulation, slower): %s", self.id,
                      decision.reason)
@@ -177,7 +189,13 @@ class Sandbox:
         """Start the VM (the guest is not up yet: follow with handshake())."""
         await self.attach_network()
         try:
-            self.vm = QemuVM(self.config.hypervisor.path, self.vm_config())
+            vm_config = self.template_config or self.vm_config()
+            if self.template_config is None and self.config.factory.enabled:
+                self._started = time.monotonic()
+                if await self._boot_clone(vm_config):
+                    self._qemu_up = time.monotonic()
+                    return
+            self.vm = QemuVM(self.config.hypervisor.path, vm_config)
             self._started = time.monotonic()
             try:
                 await self.vm.start()
@@ -191,6 +209,37 @@ class Sandbox:
             self.release_network()
             raise
         self._qemu_up = time.monotonic()
+
+    async def _boot_clone(self, vm_config: VMConfig) -> bool:
+        """Restore a clone of the factory's template (True), or say why not and return
+        False: the caller boots cold. A template that fails to restore is never waited on
+        beyond factory.restore_timeout."""
+        from hull.runtime import factory
+
+        try:
+            template = factory.find(self.config, vm_config)
+        except (factory.Unusable, HullError) as exc:
+            log.warning("sandbox %s: no usable vm template, booting cold: %s", self.id, exc)
+            return False
+        fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            clone = factory.clone_config(vm_config, template, fd)
+            self.vm = QemuVM(self.config.hypervisor.path, clone)
+            await self.vm.start()
+            await self.vm.wait_restored(self.config.factory.restore_timeout)
+        except (factory.Unusable, HullError) as exc:
+            log.warning("sandbox %s: vm template %s did not restore, booting cold: %s",
+                        self.id, template.path, exc)
+            if self.vm is not None:
+                self.vm.kill()
+                await self.vm.stop(timeout=1.0)
+                self.vm = None
+            return False
+        finally:
+            os.close(fd)
+        self.cloned_from = template.path
+        log.debug("sandbox %s: cloned from %s", self.id, template.path)
+        return True
 
     def vm_socket(self) -> socket.socket:
         assert self.vm is not None

@@ -51,6 +51,8 @@ OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 # The "new mount API" syscalls have one number on every architecture (asm-generic).
+# The same numbers on x86_64 and aarch64: syscalls added since Linux 5.1 (424+) are
+# numbered alike on every architecture.
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
 
 _libc = ctypes.CDLL(None, use_errno=True)

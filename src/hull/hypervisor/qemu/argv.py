@@ -1,8 +1,9 @@
 """QEMU command lines, generated purely from a VMConfig (no I/O, unit-tested).
 
 Per-machine differences live in a small class hierarchy: each machine type knows its
-``-machine`` string and the names of its virtio devices (virtio-mmio "-device" variants
-on microvm, "-pci" variants on q35).
+guest architecture, its ``-machine`` and ``-cpu`` strings, its kernel parameters and the
+names of its virtio devices (virtio-mmio "-device" variants on microvm and aarch64 virt,
+"-pci" variants on q35).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from hull.hypervisor.base import Accel, VMConfig
 
 AGENT_PORT_NAME = "hull.agent"
 
-#: Kernel parameters Hull always passes (see docs/internals.md, "Boot").
+#: Kernel parameters Hull always passes (see docs/internals.md, "Boot"); each machine adds
+#: its console and platform quirks (Machine.kernel_params).
 BASE_KERNEL_PARAMS = (
-    "console=ttyS0", "quiet", "panic=-1", "reboot=t", "mitigations=off",
-    "cryptomgr.notests", "audit=0", "8250.nr_uarts=1", "no_timer_check", "i8042.noaux",
-    "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd", "random.trust_cpu=on", "PYTHONHASHSEED=0",
+    "quiet", "panic=-1", "reboot=t", "mitigations=off", "cryptomgr.notests", "audit=0",
+    "no_timer_check", "random.trust_cpu=on", "PYTHONHASHSEED=0",
+)
+#: The x86 machines' part: the 16550 console, no PS/2 controller probing.
+X86_KERNEL_PARAMS = (
+    "console=ttyS0", "8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp",
+    "i8042.dumbkbd",
 )
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -32,17 +38,20 @@ class Fds:
 
 
 class Machine:
-    """x86_64 machine quirks; subclasses override what differs."""
+    """One QEMU machine type: its architecture, ``-machine``, ``-cpu``, device names and
+    kernel parameters. The base class is the x86_64 part; Virt overrides it for aarch64."""
 
     name = ""
+    arch = "x86_64"  # the guest's architecture (uname -m)
     device_suffix = ""
 
     def machine_arg(self, accel: Accel) -> str:
         raise NotImplementedError
 
-    def kernel_params(self) -> tuple[str, ...]:
-        """Kernel parameters this machine needs."""
-        return ()
+    def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
+        """Kernel parameters this machine needs (console, platform quirks)."""
+        tsc = (f"tsc_early_khz={config.tsc_khz}",) if config.tsc_khz else ()
+        return (*X86_KERNEL_PARAMS, *tsc)  # tsc: the host's, no PIT calibration under TCG
 
     def cpu(self, accel: Accel) -> str:
         # Under TCG, without ERMS/FSRM: with them the guest kernel and glibc copy and clear
@@ -66,8 +75,8 @@ class Microvm(Machine):
         return (f"microvm,accel={accel},x-option-roms=off,pit=off,pic=off,isa-serial=on,"
                 "rtc=on")
 
-    def kernel_params(self) -> tuple[str, ...]:
-        return ("pci=off",)  # no PCI bus: skip probing it
+    def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
+        return (*super().kernel_params(config), "pci=off")  # no PCI bus: skip probing it
 
 
 class Q35(Machine):
@@ -78,7 +87,29 @@ class Q35(Machine):
         return f"q35,accel={accel}"
 
 
-MACHINES: dict[str, type[Machine]] = {"microvm": Microvm, "q35": Q35}
+class Virt(Machine):
+    """aarch64 ``-machine virt``: GICv3, a PL011 UART console, virtio-mmio devices.
+
+    The kernel is an arm64 ``Image`` booted directly with ``-kernel`` (no PVH, no TSC).
+    """
+
+    name = "virt"
+    arch = "aarch64"
+    device_suffix = "-device"
+
+    def machine_arg(self, accel: Accel) -> str:
+        return f"virt,gic-version=3,accel={accel}"
+
+    def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
+        return ("console=ttyAMA0",)
+
+    def cpu(self, accel: Accel) -> str:
+        # Under TCG, "max" with the cheap implementation-defined pointer authentication:
+        # the architected QARMA algorithm costs a lot of host time on every function return.
+        return "host" if accel is Accel.KVM else "max,pauth-impdef=on"
+
+
+MACHINES: dict[str, type[Machine]] = {"microvm": Microvm, "q35": Q35, "virt": Virt}
 
 
 def machine_for(name: str) -> Machine:
@@ -94,19 +125,38 @@ def escape(value: object) -> str:
 
 
 def kernel_cmdline(config: VMConfig) -> str:
-    params = [*BASE_KERNEL_PARAMS, *machine_for(config.machine_type).kernel_params()]
-    if config.tsc_khz:
-        params.append(f"tsc_early_khz={config.tsc_khz}")
+    params = [*BASE_KERNEL_PARAMS, *machine_for(config.machine_type).kernel_params(config)]
     params.extend(config.kernel_params)
     return " ".join(params)
 
 
+def memory_args(config: VMConfig) -> list[str]:
+    """Guest RAM in a file (VM templates, see hull.runtime.factory): shared by the template
+    (its RAM is saved there), private and copy-on-write in a clone. The migration stream
+    leaves that RAM out (x-ignore-shared, set over QMP) and the guest must come up
+    running, not paused (store-global-state=off)."""
+    if config.memory_file is None:
+        return []
+    share = "on" if config.memory_shared else "off"
+    argv = ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
+                       f"mem-path={escape(config.memory_file)},share={share}",
+            "-global", "migration.store-global-state=off"]
+    if config.incoming_fd >= 0:
+        # QEMU 7.2 has no -global for x-ignore-shared: QemuVM.start sets it over QMP,
+        # then restores from the inherited fd (migrate-incoming fd:N).
+        argv += ["-incoming", "defer"]
+    return argv
+
+
 def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
     machine = machine_for(config.machine_type)
+    machine_arg = machine.machine_arg(config.accel)
+    if config.memory_file is not None:
+        machine_arg += ",memory-backend=mem"
     argv = [
         qemu,
         "-name", f"hull-{config.name},debug-threads=on",
-        "-machine", machine.machine_arg(config.accel),
+        "-machine", machine_arg,
         "-cpu", machine.cpu(config.accel),
         "-smp", str(config.vcpus),
         "-m", f"{config.memory_mib}M",
@@ -126,6 +176,7 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
         "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-chardev", f"socket,id=qmp,fd={fds.qmp}",
         "-mon", "chardev=qmp,mode=control",
+        *memory_args(config),
     ]
     for i, share in enumerate(config.shares):
         fsdev = (f"local,id=fs{i},path={escape(share.path)},security_model=none,"

@@ -81,7 +81,9 @@ class QemuVM(Hypervisor):
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=(agent_vm.fileno(), qmp_vm.fileno(),
-                          *(nic.tap_fd for nic in self.config.nics)),
+                          *(nic.tap_fd for nic in self.config.nics),
+                          *((self.config.incoming_fd,) if self.config.incoming_fd >= 0
+                            else ())),
                 preexec_fn=_preexec(self.config.netns_fd), start_new_session=True)
         except OSError as exc:
             self._close_sockets()
@@ -96,6 +98,24 @@ class QemuVM(Hypervisor):
         except (QMPError, OSError, TimeoutError) as exc:
             status = await self._reap(2.0)
             raise HypervisorError(self._failure(f"qemu exited with status {status}")) from exc
+        if self.config.memory_file is not None:
+            await self._template_setup()
+
+    async def _template_setup(self) -> None:
+        """A template or clone (hull.runtime.factory): its RAM file is never part of the
+        migration stream; a clone then loads its device state from the inherited fd."""
+        assert self._qmp is not None
+        try:
+            await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": True}]})
+            if self.config.incoming_fd >= 0:
+                await self._qmp.execute("migrate-incoming",
+                                        {"uri": f"fd:{self.config.incoming_fd}"})
+        except (QMPError, OSError, EOFError) as exc:
+            self.kill()
+            await self._reap(1.0)
+            raise HypervisorError(self._failure(f"vm {self.config.name}: cannot set up "
+                                                f"the template migration: {exc}")) from exc
 
     async def stop(self, timeout: float = 2.0) -> None:
         if self._proc is not None and self._proc.returncode is None:
@@ -158,6 +178,67 @@ class QemuVM(Hypervisor):
         except (QMPError, OSError) as exc:
             raise HypervisorError(f"qmp {command} on vm {self.config.name} failed: {exc}"
                                   ) from exc
+
+    async def query(self, command: str) -> dict[str, object]:
+        """A QMP query's answer (a dict), or HypervisorError."""
+        if self._qmp is None:
+            raise HypervisorError(f"vm {self.config.name} is not running")
+        try:
+            reply = await self._qmp.execute(command)
+        except (QMPError, OSError, EOFError) as exc:
+            raise HypervisorError(f"qmp {command} on vm {self.config.name} failed: {exc}"
+                                  ) from exc
+        return reply if isinstance(reply, dict) else {}
+
+    async def save_state(self, fd: int, timeout: float = 30.0) -> None:
+        """Pause the guest and write its device state to ``fd`` (a file Hull opened: the
+        -sandbox forbids exec: URIs, and QEMU 7.2 has no file: URI). RAM held in a
+        shared memory file is left out (x-ignore-shared, see argv.memory_args)."""
+        if self._qmp is None:
+            raise HypervisorError(f"vm {self.config.name} is not running")
+        try:
+            await self._qmp.execute("stop")
+            self._qmp.send_fd_scm(fd)
+            await self._qmp.execute("getfd", {"fdname": "hullstate"})
+            await self._qmp.execute("migrate", {"uri": "fd:hullstate"})
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"saving the state of vm {self.config.name}: {exc}"
+                                  ) from exc
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            info = await self.query("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or (
+                    asyncio.get_running_loop().time() > deadline):
+                raise HypervisorError(f"saving the state of vm {self.config.name}: "
+                                      f"migration {status}: {info.get('error-desc', '')}")
+            await asyncio.sleep(0.01)
+
+    async def wait_restored(self, timeout: float) -> None:
+        """Wait until a VM started with ``incoming_fd`` has loaded its state and runs.
+        A stream QEMU cannot load makes it exit: HypervisorError, never a hung VM."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.returncode is not None:
+                raise HypervisorError(self.exit_reason())
+            try:
+                status = (await asyncio.wait_for(self.query("query-status"), timeout)
+                          ).get("status")
+            except (HypervisorError, TimeoutError) as exc:
+                await asyncio.sleep(0.05)  # let the exit status and stderr arrive
+                if self.returncode is not None:
+                    raise HypervisorError(self.exit_reason()) from exc
+                raise HypervisorError(f"vm {self.config.name}: restore failed: {exc}"
+                                      ) from exc
+            if status == "running":
+                return
+            if status not in ("inmigrate", "prelaunch", "restore-vm", "finish-migrate"):
+                raise HypervisorError(f"vm {self.config.name}: restored into state {status}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise HypervisorError(f"vm {self.config.name}: restore took over {timeout:g}s")
+            await asyncio.sleep(0.005)
 
     def agent_socket(self) -> socket.socket:
         if self._agent is None:

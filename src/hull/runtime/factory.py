@@ -1,0 +1,278 @@
+"""VM templates (a VM factory): new sandboxes are clones of a booted, agent-ready VM.
+
+``hull factory init`` boots a template VM whose RAM is a file under factory.template_dir
+(a tmpfs), mapped shared; once its agent answers, the guest is paused and its device
+state saved through QMP (a migration to a file Hull opened, with x-ignore-shared: the RAM
+stays in its file, the stream is only device state). A clone maps the same RAM file
+privately (copy-on-write: it shares every page it does not write with the template and
+the other clones) and restores the device state (-incoming fd:N) instead of booting.
+After the restore the host's hello gives the guest fresh entropy (the agent reseeds the
+CRNG) and the host's wall clock; hostnames are per container already.
+
+Templates are keyed by everything that shapes the guest's memory: kernel, image, QEMU
+binary (by path, size and mtime), machine type, accelerator, vCPUs, memory size and
+kernel parameters. A template that does not match, or whose files do not pass the checks
+below, is never used: the sandbox boots cold, with a notice.
+
+Container rootfs: shares cannot be hot-plugged on microvm, so every template has a fixed
+set of 9p devices (TEMPLATE_TAGS), exported from an empty directory. The fsdev path is
+not part of the migration stream, so a clone's command line points each device at the
+clone's own directory (or the empty one when it has no share of that tag).
+
+Files (one directory per key, ``<template_dir>/<key id>/``): ``manifest.json``,
+``state`` (device state), ``ram`` (guest RAM), ``empty/``, ``console.log``. A rebuild
+writes a new directory and renames it into place: the RAM file clones map is never
+written again, only unlinked (a clone's private mapping keeps the old pages alive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from hull.config.settings import Config
+from hull.errors import HullError
+from hull.hypervisor.base import Share, VMConfig
+from hull.runtime.sharedfs import SHARE_TAG
+
+log = logging.getLogger("hull.factory")
+MANIFEST = "manifest.json"
+FORMAT = 1
+#: The 9p devices every template has, in order: the rootfs of `hull run`/`create`
+#: (hull.runtime.run.ROOTFS_TAG) and the shared directory of bind mounts and pods.
+TEMPLATE_TAGS = ("hullroot", SHARE_TAG)
+#: A QEMU migration stream starts with "QEVM".
+STATE_MAGIC = b"QEVM"
+
+
+class FactoryError(HullError):
+    """A template cannot be built."""
+
+
+class Unusable(Exception):
+    """No template can serve this sandbox (the reason is the message): boot cold."""
+
+
+def _stat_key(path: Path | str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Unusable(f"{path}: {exc.strerror}") from None
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def template_key(vm: VMConfig, qemu: str) -> dict[str, Any]:
+    """What a template must match: everything that shapes the guest's memory and devices
+    (not tsc_khz: it only steers the early boot calibration, already done)."""
+    return {
+        "format": FORMAT, "kernel": _stat_key(vm.kernel), "image": _stat_key(vm.initrd),
+        "qemu": _stat_key(qemu), "machine_type": vm.machine_type, "accel": str(vm.accel),
+        "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
+        "kernel_params": list(vm.kernel_params), "tags": list(TEMPLATE_TAGS),
+    }
+
+
+def key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def ram(self) -> Path:
+        return self.path / "ram"
+
+    @property
+    def empty(self) -> Path:
+        return self.path / "empty"
+
+
+def root(config: Config) -> Path:
+    return Path(config.factory.template_dir)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check(template: Template, key: dict[str, Any] | None = None) -> None:
+    """Unusable unless the template's files are whole and match its manifest (and ``key``).
+
+    The device state is small (~60 KB): it is hashed on every use. The RAM file is too
+    big for that: its size and inode must match, which catches truncation and a file
+    replaced behind Hull's back."""
+    m = template.manifest
+    if m.get("format") != FORMAT:
+        raise Unusable(f"template {template.path}: unknown format {m.get('format')!r}")
+    if key is not None and m.get("key") != key:
+        raise Unusable(f"template {template.path} was made for another configuration")
+    try:
+        with open(template.state, "rb") as f:
+            if f.read(4) != STATE_MAGIC:
+                raise Unusable(f"template {template.state} is not a QEMU state file")
+        if _sha256(template.state) != m.get("state_sha256"):
+            raise Unusable(f"template {template.state} is corrupt (checksum mismatch)")
+        st = os.stat(template.ram)
+    except OSError as exc:
+        raise Unusable(f"template {template.path}: {exc.strerror}: "
+                       f"{exc.filename}") from None
+    if st.st_size != m.get("ram_size") or st.st_ino != m.get("ram_ino"):
+        raise Unusable(f"template {template.ram} was truncated or replaced "
+                       f"(size {st.st_size}, expected {m.get('ram_size')})")
+    if not template.empty.is_dir():
+        raise Unusable(f"template {template.path}: empty/ is missing")
+
+
+def load(path: Path) -> Template:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise Unusable(f"no template in {path}") from None
+    except (OSError, ValueError) as exc:
+        raise Unusable(f"template {path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise Unusable(f"template {path}: the manifest is not an object")
+    return Template(path, manifest)
+
+
+def find(config: Config, vm: VMConfig) -> Template:
+    """The valid template for ``vm``, or Unusable with the reason."""
+    key = template_key(vm, vm_binary(config))
+    template = load(root(config) / key_id(key))
+    check(template, key)
+    return template
+
+
+def vm_binary(config: Config) -> str:
+    from hull.hypervisor.qemu.machine import resolve_binary
+
+    return resolve_binary(config.hypervisor.path)
+
+
+def clone_config(vm: VMConfig, template: Template, state_fd: int) -> VMConfig:
+    """``vm`` as a clone of ``template``: the template's devices, each 9p device exported
+    from this sandbox's directory of the same tag. Unusable when ``vm`` needs devices the
+    template lacks (network interfaces, a share of another tag)."""
+    if vm.nics:
+        raise Unusable("the sandbox has network interfaces (templates have none)")
+    by_tag = {share.tag: share for share in vm.shares}
+    if len(by_tag) != len(vm.shares) or set(by_tag) - set(TEMPLATE_TAGS):
+        raise Unusable(f"the sandbox's shares {sorted(by_tag)} are not the template's")
+    shares = tuple(by_tag.get(tag, Share(tag, template.empty, readonly=True))
+                   for tag in TEMPLATE_TAGS)
+    return dataclasses.replace(vm, shares=shares, memory_file=template.ram,
+                               memory_shared=False, incoming_fd=state_fd)
+
+
+def template_config(vm: VMConfig, path: Path) -> VMConfig:
+    empty = path / "empty"
+    return dataclasses.replace(
+        vm, shares=tuple(Share(tag, empty, readonly=True) for tag in TEMPLATE_TAGS),
+        memory_file=path / "ram", memory_shared=True, incoming_fd=-1, nics=(),
+        netns_fd=-1, console_log=path / "console.log")
+
+
+async def build(config: Config) -> Template:
+    """Boot a template VM for the current configuration and save it (replacing the old)."""
+    from hull.runtime.sandbox import Sandbox
+
+    base = root(config)
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work = base / f".build-{secrets.token_hex(4)}"
+    work.mkdir(mode=0o700)
+    (work / "empty").mkdir(mode=0o500)
+    try:
+        sandbox = Sandbox(config, f"template-{work.name[7:]}", work / "console.log")
+        vm = sandbox.vm_config()
+        key = template_key(vm, vm_binary(config))
+        final = base / key_id(key)
+        sandbox.template_config = template_config(vm, work)
+        started = time.monotonic()
+        async with sandbox:
+            booted = time.monotonic() - started
+            assert sandbox.vm is not None
+            fd = os.open(work / "state", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o600)
+            try:
+                await sandbox.vm.save_state(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            version = await sandbox.vm.query("query-version")
+            # The template is paused now: stop it without asking the agent to shut down.
+            if sandbox.channel is not None:
+                await sandbox.channel.close()
+                sandbox.channel = None
+        st = os.stat(work / "ram")
+        manifest = {
+            "format": FORMAT, "key": key, "created": time.time(), "boot_seconds": booted,
+            "state_sha256": _sha256(work / "state"), "ram_size": st.st_size,
+            "ram_ino": st.st_ino, "qemu_version": version.get("qemu", {}),
+            "kernel_release": sandbox.hello.kernel_release if sandbox.hello else "",
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Template(final, manifest)
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``; an old template there is renamed away, then removed
+    (running clones keep their RAM: their mapping holds the unlinked file)."""
+    if final.exists():
+        old = final.with_name(f".old-{secrets.token_hex(4)}")
+        final.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    new.rename(final)
+
+
+def templates(config: Config) -> list[tuple[Path, Template | None, str]]:
+    """Every template directory: (path, template or None, "ok" or why it is unusable)."""
+    out: list[tuple[Path, Template | None, str]] = []
+    base = root(config)
+    if not base.is_dir():
+        return out
+    for path in sorted(base.iterdir()):
+        if path.name.startswith("."):
+            continue
+        try:
+            template = load(path)
+            check(template)
+        except Unusable as exc:
+            out.append((path, None, str(exc)))
+        else:
+            out.append((path, template, "ok"))
+    return out
+
+
+def destroy(config: Config) -> int:
+    """Remove every template (running clones are not disturbed); how many were removed."""
+    base = root(config)
+    if not base.is_dir():
+        return 0
+    count = 0
+    for path in base.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            count += not path.name.startswith(".")
+        else:
+            path.unlink(missing_ok=True)
+    return count

@@ -1,0 +1,159 @@
+"""VM templates (hull.runtime.factory): command lines, clone devices, template checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hull.config import settings
+from hull.errors import ConfigError
+from hull.hypervisor.base import Nic, Share, VMConfig
+from hull.hypervisor.qemu import argv
+from hull.runtime import factory, run, sharedfs
+from hull.shim.v2 import pod
+
+
+def vm(**kw: object) -> VMConfig:
+    base: dict[str, object] = dict(name="c1", kernel=Path("/k/vmlinux"),
+                                   initrd=Path("/k/initrd.img"),
+                                   console_log=Path("/run/hull/c1/console.log"))
+    base.update(kw)
+    return VMConfig(**base)  # type: ignore[arg-type]
+
+
+def opt(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_template_tags_are_the_runtime_s() -> None:
+    assert factory.TEMPLATE_TAGS == (run.ROOTFS_TAG, sharedfs.SHARE_TAG)
+    assert pod.SHARE_TAG == sharedfs.SHARE_TAG
+
+
+def test_no_memory_file_no_template_args() -> None:
+    args = argv.build("q", vm(), argv.Fds(3, 4))
+    assert "memory-backend" not in " ".join(args) and "-incoming" not in args
+
+
+def test_template_argv_maps_ram_shared() -> None:
+    args = argv.build("q", vm(memory_file=Path("/dev/shm/t/ram"), memory_shared=True,
+                              memory_mib=256), argv.Fds(3, 4))
+    assert opt(args, "-machine")[0].endswith(",memory-backend=mem")
+    assert ("memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/t/ram,share=on"
+            in opt(args, "-object"))
+    assert "migration.store-global-state=off" in opt(args, "-global")
+    assert "-incoming" not in args
+
+
+def test_clone_argv_maps_ram_private_and_defers_incoming() -> None:
+    args = argv.build("q", vm(memory_file=Path("/dev/shm/t/ram"), incoming_fd=9),
+                      argv.Fds(3, 4))
+    assert any(o.endswith("share=off") for o in opt(args, "-object"))
+    assert opt(args, "-incoming") == ["defer"]
+
+
+def template(tmp_path: Path) -> factory.Template:
+    (tmp_path / "empty").mkdir()
+    state = b"QEVM" + os.urandom(1000)
+    (tmp_path / "state").write_bytes(state)
+    (tmp_path / "ram").write_bytes(b"\0" * 4096)
+    st = (tmp_path / "ram").stat()
+    manifest = {"format": factory.FORMAT, "key": {"k": 1},
+                "state_sha256": hashlib.sha256(state).hexdigest(),
+                "ram_size": st.st_size, "ram_ino": st.st_ino}
+    (tmp_path / factory.MANIFEST).write_text(json.dumps(manifest))
+    return factory.load(tmp_path)
+
+
+def test_clone_config_points_the_template_devices_at_the_clone_dirs(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    rootfs = Share("hullroot", Path("/bundle/rootfs"), readonly=True)
+    clone = factory.clone_config(vm(shares=(rootfs,)), t, 7)
+    assert clone.shares == (rootfs, Share("hullshared", t.empty, readonly=True))
+    assert clone.memory_file == t.ram and not clone.memory_shared and clone.incoming_fd == 7
+    pod_share = Share("hullshared", Path("/pod/shared"))
+    assert factory.clone_config(vm(shares=(pod_share,)), t, 7).shares == (
+        Share("hullroot", t.empty, readonly=True), pod_share)
+
+
+@pytest.mark.parametrize("kw", [{"nics": (Nic("02:00:00:00:00:01", 5),)},
+                                {"shares": (Share("other", Path("/x")),)}])
+def test_clone_config_refuses_devices_templates_lack(tmp_path: Path, kw: dict[str, object]
+                                                     ) -> None:
+    with pytest.raises(factory.Unusable):
+        factory.clone_config(vm(**kw), template(tmp_path), 7)
+
+
+def test_template_config_has_fixed_devices(tmp_path: Path) -> None:
+    cfg = factory.template_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)), tmp_path)
+    assert [s.tag for s in cfg.shares] == list(factory.TEMPLATE_TAGS)
+    assert cfg.nics == () and cfg.memory_shared and cfg.memory_file == tmp_path / "ram"
+
+
+def test_a_whole_template_passes(tmp_path: Path) -> None:
+    factory.check(template(tmp_path), {"k": 1})
+
+
+def test_corrupt_state_is_refused(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    data = bytearray(t.state.read_bytes())
+    data[100] ^= 0xFF
+    t.state.write_bytes(bytes(data))
+    with pytest.raises(factory.Unusable, match="corrupt"):
+        factory.check(t)
+
+
+def test_truncated_files_are_refused(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    os.truncate(t.ram, 1024)
+    with pytest.raises(factory.Unusable, match="truncated"):
+        factory.check(t)
+    (tmp_path / "2").mkdir()
+    t = template(tmp_path / "2")
+    t.state.write_bytes(b"QE")
+    with pytest.raises(factory.Unusable, match="not a QEMU state"):
+        factory.check(t)
+
+
+def test_mismatched_or_missing_template_is_refused(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    with pytest.raises(factory.Unusable, match="another configuration"):
+        factory.check(t, {"k": 2})
+    (tmp_path / factory.MANIFEST).write_text("{not json")
+    with pytest.raises(factory.Unusable, match="manifest"):
+        factory.load(tmp_path)
+    with pytest.raises(factory.Unusable, match="no template"):
+        factory.load(tmp_path / "none")
+
+
+def test_key_follows_kernel_memory_and_machine(tmp_path: Path) -> None:
+    for name in ("vmlinux", "initrd", "qemu"):
+        (tmp_path / name).write_bytes(b"x")
+    base = vm(kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
+    qemu = str(tmp_path / "qemu")
+    key = factory.key_id(factory.template_key(base, qemu))
+    assert key == factory.key_id(factory.template_key(dataclasses.replace(base, tsc_khz=5),
+                                                      qemu))
+    for change in ({"memory_mib": 512}, {"machine_type": "q35"}, {"vcpus": 2},
+                   {"kernel_params": ("x=1",)}):
+        other = dataclasses.replace(base, **change)  # type: ignore[arg-type]
+        assert factory.key_id(factory.template_key(other, qemu)) != key, change
+    (tmp_path / "vmlinux").write_bytes(b"xy")
+    assert factory.key_id(factory.template_key(base, qemu)) != key
+
+
+def test_factory_config_defaults_off_and_checks(tmp_path: Path) -> None:
+    config = settings.Config()
+    assert config.factory.enabled is False and config.factory.pool_size == 0
+    bad = tmp_path / "c.toml"
+    bad.write_text('[factory]\ntemplate_dir = "relative"\n')
+    with pytest.raises(ConfigError, match="template_dir"):
+        settings.load(bad)
+    bad.write_text("[factory]\npool_size = 3\n")
+    with pytest.raises(ConfigError, match="pool_size"):
+        settings.load(bad)
