@@ -228,3 +228,27 @@ def test_pod_containers_share_one_vm_and_localhost(containerd: Containerd, rootf
     assert len(qemu_of("sb")) == 1 and not qemu_of("c2")
     assert len(shim_pids("sb")) == 1 and not shim_pids("c2")
     assert c.tasks() == {"sb": "RUNNING"}  # c2's delete did not shut the pod's shim down
+
+
+def test_binary_logging_uri(containerd: Containerd, rootfs: Path, tmp_path: Path) -> None:
+    """stdio through a binary:// logger: fds 3 and 4 carry stdout and stderr, closing
+    fd 5 says it is ready (containerd pkg/process/io.go NewBinaryIO)."""
+    c = containerd
+    logger = tmp_path / "logger.sh"
+    logger.write_text("#!/bin/sh\n# $1=out $2=DIR\nexec 5>&-\n"
+                      "cat <&3 > \"$2/stdout\" &\ncat <&4 > \"$2/stderr\"\nwait\n"
+                      "echo \"$CONTAINER_ID\" > \"$2/id\"\n")
+    logger.chmod(0o755)
+    done = c.ctr("run", "-d", "--runtime", RUNTIME, "--log-uri",
+                 f"binary://{logger}?out={tmp_path}", "--rootfs", str(rootfs), "bl",
+                 "sh", "-c", "echo to-out; echo to-err >&2", check=False)
+    assert done.returncode == 0, done.stderr
+    wait_status(c, "bl", "STOPPED")
+    c.ctr("task", "delete", "bl")
+    c.ctr("container", "delete", "bl", check=False)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "id").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "stdout").read_text() == "to-out\n"
+    assert (tmp_path / "stderr").read_text() == "to-err\n"
+    assert (tmp_path / "id").read_text() == "bl\n"
