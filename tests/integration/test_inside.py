@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,18 @@ def test_events_stats_and_update(state_root: Path, tmp_path: Path, guest_assets_
         assert done.returncode != 0
         assert b"VM's memory" in done.stderr and b"no memory hotplug" in done.stderr
         cli("kill", "st", "KILL")
+
+
+def test_vm_is_sized_from_the_container_limits(hull: Runner, bundle: BundleFactory) -> None:
+    """vCPUs = ceil(quota/period) (at least the default), memory = default + the limit."""
+    def limits(spec: dict[str, Any]) -> None:
+        spec["linux"]["resources"] = {"cpu": {"quota": 150000, "period": 100000},
+                                      "memory": {"limit": 256 * 2**20}}
+
+    b = bundle(["sh", "-c", "nproc; grep MemTotal /proc/meminfo"], mutate=limits)
+    done = hull("run", "-b", str(b), "sized")
+    assert done.returncode == 0, done.stderr
+    nproc, meminfo = done.stdout.decode().splitlines()
+    assert int(nproc) == min(2, os.cpu_count() or 1)
+    total_kib = int(meminfo.split()[1])
+    assert total_kib > 400 * 1024  # 256 MiB default + 256 MiB limit, less the kernel's own

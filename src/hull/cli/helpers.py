@@ -15,7 +15,7 @@ from hull.config.annotations import apply_annotations
 from hull.errors import HullError
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
-from hull.runtime import proxyd, sharedfs, shim
+from hull.runtime import proxyd, sharedfs, shim, sizing
 from hull.runtime.lifecycle import shared_dir
 from hull.runtime.run import ROOTFS_TAG, rootfs_share
 from hull.runtime.state import ContainerDir
@@ -55,7 +55,8 @@ def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
     try:
         bundle = oci_bundle.load(args.bundle)
         # Per-pod overrides (io.hull.config.*), only for keys the allow-list names.
-        config = apply_annotations(ctx.config, bundle.annotations)
+        config = sizing.for_spec(apply_annotations(ctx.config, bundle.annotations),
+                                 bundle.spec)
         network = netns.choose(bundle.spec)  # refuses the host's network namespace
     except HullError as exc:
         log.error("%s", exc)

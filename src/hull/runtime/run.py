@@ -25,7 +25,7 @@ from hull.errors import HypervisorError
 from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci.bundle import Bundle
-from hull.runtime import hooks, sharedfs
+from hull.runtime import hooks, sharedfs, sizing
 from hull.runtime.lifecycle import oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
 from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
@@ -201,6 +201,7 @@ def _forget(tasks: set[asyncio.Task[object]]):  # type: ignore[no-untyped-def]
 
 
 def run(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
+    config = sizing.for_spec(config, bundle.spec)
     try:
         return asyncio.run(run_container(config, root, container_id, bundle))
     finally:
