@@ -108,3 +108,38 @@ def test_vm_is_sized_from_the_container_limits(hull: Runner, bundle: BundleFacto
     assert int(nproc) == min(2, os.cpu_count() or 1)
     total_kib = int(meminfo.split()[1])
     assert total_kib > 400 * 1024  # 256 MiB default + 256 MiB limit, less the kernel's own
+
+
+def test_qemu_can_run_as_an_unprivileged_user(tmp_path: Path, rootfs_template: Path,
+                                              state_root: Path) -> None:
+    """hypervisor.run_as: QEMU drops to `nobody` before exec (its own -runas cannot work
+    under its seccomp sandbox); the container still runs, and QEMU is not root."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tests.integration.conftest import HULL, default_spec
+
+    # nobody must reach the bundle: pytest's temporary directories are root-only.
+    public = Path(tempfile.mkdtemp(prefix="hull-runas-", dir="/var/tmp"))
+    try:
+        public.chmod(0o755)
+        shutil.copytree(rootfs_template, public / "rootfs", symlinks=True)
+        spec = default_spec(["sh", "-c", "echo ran; sleep 2"])
+        spec["root"]["readonly"] = True
+        (public / "config.json").write_text(json.dumps(spec))
+        config = tmp_path / "hull.toml"
+        config.write_text('[hypervisor]\nrun_as = "nobody"\n')
+        proc = subprocess.Popen([*HULL, "--config", str(config), "--root", str(state_root),
+                                 "run", "-b", str(public), "runas"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ran\n"
+        qemu = subprocess.run(["pgrep", "-f", "hull-runas,debug-threads"],
+                              capture_output=True, text=True, check=True).stdout.split()[0]
+        owner = subprocess.run(["ps", "-o", "user=", "-p", qemu], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert owner == "nobody"
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

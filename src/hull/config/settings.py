@@ -45,6 +45,7 @@ class HypervisorConfig:
     debug_console: bool = False
     boot_timeout: float = 30.0
     sandbox: bool = True
+    run_as: str = ""
 
     def __post_init__(self) -> None:
         self.resolve_defaults()

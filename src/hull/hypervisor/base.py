@@ -61,6 +61,8 @@ class VMConfig:
     nics: tuple[Nic, ...] = ()
     #: run QEMU in this network namespace (an open fd; -1: the caller's own)
     netns_fd: int = -1
+    #: (uid, gid) QEMU drops to before exec (configuration hypervisor.run_as), or None.
+    run_as: tuple[int, int] | None = None
     #: guest RAM in this file (a VM template's, on tmpfs) instead of anonymous memory;
     #: ``memory_shared``: map it shared (the template writes it) or private
     #: (copy-on-write: a clone). None: anonymous memory.

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import platform
+import pwd
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,14 @@ from typing import Any
 from hull import __version__
 from hull.agentapi import schema
 from hull.config.settings import Config
-from hull.errors import AgentError, BootError, HullError, HypervisorError, ProtocolError
+from hull.errors import (
+    AgentError,
+    BootError,
+    ConfigError,
+    HullError,
+    HypervisorError,
+    ProtocolError,
+)
 from hull.hypervisor import accel
 from hull.hypervisor.base import Accel, Nic, Share, VMConfig
 from hull.hypervisor.qemu.machine import QemuVM
@@ -31,6 +39,17 @@ from hull.runtime.assets import resolve
 log = logging.getLogger("hull.sandbox")
 ExitKey = tuple[str, str]  # (container id, exec id)
 Asker = Callable[[schema.Method, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def run_as_ids(user: str) -> tuple[int, int] | None:
+    """hypervisor.run_as as (uid, gid); None when QEMU keeps the caller's user."""
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"hypervisor.run_as: no user {user!r} on this host") from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def host_tsc_khz() -> int:
@@ -167,6 +186,7 @@ class Sandbox:
                 *hv.kernel_params.split(),
                 *(("hull.debug_console=1",) if hv.debug_console else ())),
             shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz(),
+            run_as=run_as_ids(hv.run_as),
             nics=self.nics(), netns_fd=self.attachment.netns_fd if self.attachment else -1)
 
     async def __aenter__(self) -> Sandbox:

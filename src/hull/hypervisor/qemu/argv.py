@@ -31,10 +31,12 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 
 @dataclass(frozen=True)
 class Fds:
-    """Host file descriptors QEMU inherits: each is one end of a socketpair."""
+    """Host file descriptors QEMU inherits: socketpair ends, and the console log."""
 
     agent: int
     qmp: int
+    #: the console log, opened by Hull (-1: QEMU opens config.console_log itself)
+    console: int = -1
 
 
 class Machine:
@@ -124,6 +126,14 @@ def escape(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+def console_args(config: VMConfig, fds: Fds) -> list[str]:
+    """The console goes to a file: shown when the boot fails, kept for `hull logs`."""
+    if fds.console >= 0:
+        return ["-add-fd", f"fd={fds.console},set=1",
+                "-chardev", "file,id=console,path=/dev/fdset/1"]
+    return ["-chardev", f"file,id=console,path={escape(config.console_log)}"]
+
+
 def kernel_cmdline(config: VMConfig) -> str:
     params = [*BASE_KERNEL_PARAMS, *machine_for(config.machine_type).kernel_params(config)]
     params.extend(config.kernel_params)
@@ -164,8 +174,7 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
         "-append", kernel_cmdline(config),
-        # The console goes to a file: shown when the boot fails, kept for `hull logs`.
-        "-chardev", f"file,id=console,path={escape(config.console_log)}",
+        *console_args(config, fds),
         "-serial", "chardev:console",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", f"{machine.device('rng')},rng=rng0",

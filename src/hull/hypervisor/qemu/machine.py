@@ -31,8 +31,10 @@ PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
 
 
-def _preexec(netns_fd: int) -> Callable[[], None]:
-    """The child's setup before exec: die with the parent, enter the network namespace.
+def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None) -> Callable[[], None]:
+    """The child's setup before exec: die with the parent, enter the network namespace,
+    drop to an unprivileged user (QEMU's own -runas cannot work under its seccomp
+    sandbox, which forbids set*id calls, so the privileges go before exec).
 
     The agent and QMP socketpairs were made before, in the parent's namespace: unix
     sockets keep working across network namespaces, and so do the inherited tap fds.
@@ -42,6 +44,13 @@ def _preexec(netns_fd: int) -> Callable[[], None]:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if netns_fd >= 0 and libc.setns(netns_fd, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "setns to the container's network namespace")
+        if run_as is not None:
+            uid, gid = run_as
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            # setuid cleared the death signal: set it again for the unprivileged QEMU.
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return child
 
@@ -73,24 +82,30 @@ class QemuVM(Hypervisor):
         agent_host, agent_vm = socket.socketpair()
         qmp_host, qmp_vm = socket.socketpair()
         self._agent, self._qmp_sock = agent_host, qmp_host
+        # The console log is opened here and handed over as an fd: QEMU may run as an
+        # unprivileged user that cannot reach Hull's state directory.
+        console = os.open(self.config.console_log,
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         argv = qemu_argv.build(self.binary, self.config,
-                               qemu_argv.Fds(agent_vm.fileno(), qmp_vm.fileno()))
+                               qemu_argv.Fds(agent_vm.fileno(), qmp_vm.fileno(), console))
         log.debug("starting %s", " ".join(argv))
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(agent_vm.fileno(), qmp_vm.fileno(),
+                pass_fds=(agent_vm.fileno(), qmp_vm.fileno(), console,
                           *(nic.tap_fd for nic in self.config.nics),
                           *((self.config.incoming_fd,) if self.config.incoming_fd >= 0
                             else ())),
-                preexec_fn=_preexec(self.config.netns_fd), start_new_session=True)
+                preexec_fn=_preexec(self.config.netns_fd, self.config.run_as),
+                start_new_session=True)
         except OSError as exc:
             self._close_sockets()
             raise HypervisorError(f"cannot start {self.binary}: {exc.strerror}") from exc
         finally:
             agent_vm.close()
             qmp_vm.close()
+            os.close(console)
         self._stderr_task = asyncio.create_task(self._collect_stderr())
         try:
             self._qmp = QMPClient(f"hull-{self.config.name}")
