@@ -138,3 +138,29 @@ def test_arm64_stdio(run_arm64: Run) -> None:
     assert done.returncode == 3
     assert done.stdout == b"to-stdout\n"
     assert b"to-stderr\n" in done.stderr
+
+
+def test_arm64_create_start_exec_delete(arm64_config: Path, arm64_rootfs: Path,
+                                        tmp_path: Path) -> None:
+    """The CLI lifecycle (proxy daemon + shims) with an arm64 guest."""
+    from tests.integration.cli_helpers import Cli, become_subreaper, cleanup, reap
+
+    become_subreaper()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(arm64_rootfs, bundle / "rootfs", symlinks=True)
+    spec = default_spec(["sh", "-c", "echo started; while true; do sleep 1; done"])
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] in ("/proc", "/tmp")]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    cli = Cli(tmp_path / "state", tmp_path)
+    extra = ("--config", str(arm64_config))
+    with cleanup(cli, "a64"):
+        done, _, err = cli.create("a64", bundle, extra=extra)
+        assert done.returncode == 0, err.read_text()
+        assert cli("start", "a64", extra=extra).returncode == 0
+        done = cli("exec", "a64", "uname", "-m", extra=extra, timeout=300)
+        assert (done.returncode, done.stdout) == (0, b"aarch64\n"), done.stderr
+        pid = cli.state("a64")["pid"]
+        assert cli("kill", "a64", "KILL", extra=extra).returncode == 0
+        assert reap(pid) == 137
+        assert cli("delete", "a64", extra=extra).returncode == 0
