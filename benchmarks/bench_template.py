@@ -76,7 +76,13 @@ def idle_pss(hull: list[str], config: Path, bundle: Path, count: int, tag: str
     created: list[str] = []
     try:
         for sid in ids:
-            run_once([*hull, "--config", str(config), "create", "-b", str(bundle), sid])
+            # Not run_once: the daemons `hull create` leaves behind inherit its stderr.
+            done = subprocess.run([*hull, "--config", str(config), "create", "-b",
+                                   str(bundle), sid], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  check=False, timeout=120)
+            if done.returncode != 0:
+                raise SystemExit(f"hull create {sid} failed")
             created.append(sid)
         time.sleep(2)  # let every guest settle
         return [sandbox_pss_kib(sid) / 1024 for sid in ids]
