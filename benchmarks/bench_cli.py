@@ -37,14 +37,18 @@ class Runtime:
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name, self.argv, self.env = name, argv, env
 
-    def run(self, *args: str, stdout: int | None = DEVNULL) -> float:
-        start = time.perf_counter()
-        done = subprocess.run([*self.argv, *args], stdin=DEVNULL, stdout=stdout,
-                              stderr=subprocess.PIPE, env=self.env, check=False)
-        took = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"{self.name} {' '.join(args)} failed: "
-                             f"{done.stderr.decode(errors='replace').strip()}")
+    def run(self, *args: str) -> float:
+        # stderr to a file, not a pipe: `hull create` leaves its proxy and shim running
+        # with the stdio it was given, and a pipe would then never reach EOF.
+        with tempfile.TemporaryFile() as err:
+            start = time.perf_counter()
+            done = subprocess.run([*self.argv, *args], stdin=DEVNULL, stdout=DEVNULL,
+                                  stderr=err, env=self.env, check=False)
+            took = time.perf_counter() - start
+            if done.returncode != 0:
+                err.seek(0)
+                raise SystemExit(f"{self.name} {' '.join(args)} failed: "
+                                 f"{err.read().decode(errors='replace').strip()}")
         return took
 
     def stream(self, cid: str, mib: int) -> tuple[float, int]:

@@ -1,0 +1,192 @@
+"""What keeps a container's start fast: light agent imports, the boot profile, lazy CLI verbs.
+
+See docs/performance.md for the measurements behind each of these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+
+from hull.agentapi import records, schema, wirejson
+from hull.cli import main as cli_main
+from hull.runtime.sandbox import BootProfile, Timeline
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Modules the guest agent must not import at boot: each costs 10-100 ms under TCG.
+HEAVY = ("typing", "dataclasses", "inspect", "ast", "re", "json", "selectors", "asyncio")
+
+
+def test_the_agent_imports_no_heavy_module() -> None:
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(SRC)!r})\n"
+            "import hull.agent.main, hull.agent.server\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
+    # -S -I: no site, no .pth files, as /init runs python in the guest
+    out = subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@records.dataclass(frozen=True, slots=True)
+class Point:
+    x: int
+    y: int = 0
+    tags: list[str] = records.field(default_factory=list)  # type: ignore[assignment]
+
+    def norm(self) -> float:
+        return math.hypot(self.x, self.y)
+
+
+def test_records_behave_like_frozen_dataclasses() -> None:
+    p = Point(3, y=4)
+    assert (p.x, p.y, p.tags, p.norm()) == (3, 4, [], 5.0)
+    assert p == Point(3, 4) and p != Point(4, 3) and p != (3, 4)
+    assert repr(p) == "Point(x=3, y=4, tags=[])"
+    assert Point(1).tags is not Point(1).tags  # a fresh default per instance
+    with pytest.raises(AttributeError):
+        p.x = 5  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        p.z = 1  # type: ignore[attr-defined]  # slots: no other attributes
+    with pytest.raises(TypeError, match="missing required argument 'x'"):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="multiple values"):
+        Point(1, x=2)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        Point(1, z=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        Point(1, 2, [], 4)  # type: ignore[call-arg]
+    assert not hasattr(p, "__dict__") and Point.__match_args__ == ("x", "y", "tags")
+
+
+def test_schema_payloads_keep_their_dataclass_api() -> None:
+    hello = schema.Hello(entropy="ab", time_ns=5)
+    assert hello == schema.Hello(schema.PROTOCOL_VERSION, "ab", 5)
+    assert hash(hello) == hash(schema.Hello(schema.PROTOCOL_VERSION, "ab", 5))
+    with pytest.raises(AttributeError):
+        hello.entropy = "cd"  # type: ignore[misc]
+    assert issubclass(records.FrozenInstanceError, AttributeError)
+    assert not issubclass(records.FrozenInstanceError, FrozenInstanceError)
+    create = schema.CreateContainer("c", {"a": [1, {"b": 2}]}, schema.RootfsShare("t"))
+    params = schema.params(create)
+    assert params == {"container_id": "c", "spec": {"a": [1, {"b": 2}]},
+                      "rootfs": {"tag": "t", "readonly": False, "path": ""},
+                      "stdio": {"stdin": None, "stdout": None, "stderr": None}}
+    params["spec"]["a"].append(3)  # a copy, as dataclasses.asdict makes
+    assert create.spec == {"a": [1, {"b": 2}]}
+    assert schema.CreateContainer.from_json(json.loads(json.dumps(params))).container_id == "c"
+
+
+# ---------------------------------------------------------------------------- wire JSON
+
+
+@pytest.mark.parametrize("value", [
+    {"id": 1, "method": "hello", "params": {"entropy": "00", "time_ns": 2**62}},
+    {"a": [1.5, None, True, False, "x\u00e9\n\"\\"], "b": {}, "c": []},
+    {"event": schema.Event.PROCESS_EXIT, "status": 0, "signal": None},
+])
+def test_wire_json_is_json_dumps_compact(value: dict[str, object]) -> None:
+    encoded = wirejson.dumps(value)
+    assert encoded == json.dumps(value, separators=(",", ":")).encode()
+    assert wirejson.loads(encoded) == json.loads(encoded)
+
+
+@pytest.mark.parametrize("bad", [b"", b" {}", b"{} ", b"{}{}", b'{"a":NaN}', b"[Infinity]",
+                                 b"\xff\xfe", b'{"a":1', b"[" * 100_000])
+def test_wire_json_refuses_what_is_not_one_strict_value(bad: bytes) -> None:
+    with pytest.raises(wirejson.JSONError):
+        wirejson.loads(bad)
+    with pytest.raises(schema.SchemaError):
+        schema.decode(bad)
+
+
+def test_wire_json_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(ValueError):
+        wirejson.dumps({"x": float("nan")})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        wirejson.dumps({"x": object()})
+
+
+# ---------------------------------------------------------------------------- boot profile
+
+
+def test_hello_reply_carries_checked_boot_marks() -> None:
+    base = {"version": 2, "agent_version": "1", "kernel_release": "6.1"}
+    assert schema.HelloReply.from_json(base).boot == {}  # an agent without marks
+    reply = schema.HelloReply.from_json({**base, "boot": {"python": 0.8, "hello": 1}})
+    assert reply.boot == {"python": 0.8, "hello": 1.0}
+    for bad in ({"x": -1}, {"x": "1"}, {"x": True}, {"x": float("nan")}, {"x" * 40: 1},
+                {f"m{i}": 1 for i in range(40)}, []):
+        with pytest.raises(schema.SchemaError):
+            schema.HelloReply.from_json({**base, "boot": bad})
+
+
+def test_boot_profile_puts_guest_marks_on_the_host_time_line() -> None:
+    guest = {"python": 0.80, "main": 0.85, "init": 0.90, "loaded": 1.00, "port": 1.01,
+             "hello": 1.02}
+    profile = BootProfile(spawn=10.0, qemu=10.05, ready=11.30, guest=guest)
+    phases = dict(profile.phases())
+    assert phases["qemu start"] == pytest.approx(0.05)
+    # "hello" happened at ready: python ran 0.22 s earlier, i.e. 1.03 s after QEMU was up
+    assert phases["kernel+python"] == pytest.approx(1.03)
+    assert phases["agent imports"] == pytest.approx(0.05)
+    assert phases["agent load"] == pytest.approx(0.10)
+    assert sum(phases.values()) == pytest.approx(profile.total)
+    assert "kernel+python 1.030s" in profile.describe()
+    with_kernel = BootProfile(10.0, 10.05, 11.30, {**guest, "kernel.init": 0.55})
+    phases = dict(with_kernel.phases())
+    assert phases["kernel"] == pytest.approx(0.78) and phases["python start"] == pytest.approx(0.25)
+    old_agent = BootProfile(10.0, 10.05, 11.30, {})
+    assert dict(old_agent.phases()) == {"qemu start": pytest.approx(0.05),
+                                        "guest": pytest.approx(1.25)}
+
+
+def test_timeline_names_the_phase_that_ends() -> None:
+    timeline = Timeline()
+    timeline.points = [("", 1.0), ("boot", 2.5), ("create", 2.6)]
+    assert timeline.total == pytest.approx(1.6)
+    assert timeline.describe() == "total 1.600s: boot 1.500s, create 0.100s"
+
+
+# ---------------------------------------------------------------------------- lazy CLI
+
+
+def subcommands(parser: object) -> set[str]:
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def test_every_verb_is_in_the_registry_of_its_module() -> None:
+    everything = subcommands(cli_main.build_parser(["--help"]))
+    assert everything == {verb for verbs in cli_main.VERBS.values() for verb in verbs}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["state", "x"], {"state"}),
+    (["--root", "/tmp/r", "--log-format", "json", "exec", "x", "true"], {"exec"}),
+    (["--root=/tmp/run", "--debug", "run", "-b", "b", "x"], {"run"}),
+    (["resume", "x"], {"pause", "resume"}),
+    (["--root", "state", "create", "x"], {"create"}),  # "state" is --root's value here
+    (["bogus"], None),
+    ([], None),
+])
+def test_a_command_registers_only_its_verb(argv: list[str], expected: set[str] | None
+                                           ) -> None:
+    got = subcommands(cli_main.build_parser(argv))
+    every = {verb for verbs in cli_main.VERBS.values() for verb in verbs}
+    assert got == (every if expected is None else expected)
