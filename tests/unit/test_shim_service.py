@@ -224,3 +224,16 @@ def test_start_flags_and_grouping(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert one == main.socket_path("/run/c.sock", "k8s.io", "pod1")
     assert one != main.socket_path("/run/c.sock", "default", "pod1")
     assert len(str(one)) < 108
+
+
+def test_shim_log_lines_carry_the_task_id(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from hull.shim.v2 import main as shim_main
+
+    shim_main.setup_logging("task-7", debug=False)
+    logging.getLogger("hull.shim").warning("something happened")
+    logging.getLogger("hull.shim").warning("of another", extra={"container_id": "c2"})
+    err = capsys.readouterr().err
+    assert "[task-7] hull.shim: something happened" in err
+    assert "[c2] hull.shim: of another" in err

@@ -221,6 +221,32 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TaskId(logging.Filter):
+    """Stamps records with the id of the task the shim was started for (a pod's shim: the
+    sandbox's), unless a record names its own container."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "container_id", None):
+            record.container_id = self.task_id
+        return True
+
+
+def setup_logging(task_id: str, debug: bool) -> None:
+    """Log lines on stderr (containerd's `log` fifo once serving), each with the id."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TaskId(task_id or "-"))
+    handler.setFormatter(logging.Formatter(
+        "hull-shim %(levelname)s [%(container_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # per-message chatter
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
@@ -228,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"containerd-shim-hull-v2 (hull {__version__})")
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="hull-shim %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # per-message chatter
+    setup_logging(args.id, args.debug)
     if args.action == "start":
         return start(args)
     if args.action == "delete":
