@@ -143,3 +143,18 @@ def test_qemu_can_run_as_an_unprivileged_user(tmp_path: Path, rootfs_template: P
         assert owner == "nobody"
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_sysctl_and_devices(hull: Runner, bundle: BundleFactory) -> None:
+    """linux.sysctl is written in the container's namespaces; linux.devices are created."""
+    def settings(spec: dict[str, Any]) -> None:
+        spec["linux"]["sysctl"] = {"kernel.domainname": "hull.example"}
+        spec["linux"]["devices"] = [{"path": "/dev/hullnull", "type": "c", "major": 1,
+                                     "minor": 3, "fileMode": 0o666, "uid": 0, "gid": 0}]
+
+    b = bundle(["sh", "-c", "cat /proc/sys/kernel/domainname; "
+                "stat -c '%t:%T %a' /dev/hullnull; echo x > /dev/hullnull && echo wrote"],
+               mutate=settings)
+    done = hull("run", "-b", str(b), "sysctl")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == ["hull.example", "1:3 666", "wrote"]
