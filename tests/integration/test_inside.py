@@ -158,3 +158,24 @@ def test_sysctl_and_devices(hull: Runner, bundle: BundleFactory) -> None:
     done = hull("run", "-b", str(b), "sysctl")
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == ["hull.example", "1:3 666", "wrote"]
+
+
+def test_dropped_net_raw_makes_raw_sockets_fail(hull: Runner, bundle: BundleFactory) -> None:
+    """busybox ping needs a raw (or ping) socket: without CAP_NET_RAW, and with the
+    ping group range closed, it fails; with the capability it works on loopback."""
+    def caps(keep: list[str]) -> Any:
+        def apply(spec: dict[str, Any]) -> None:
+            spec["process"]["capabilities"] = {k: keep for k in
+                                               ("bounding", "effective", "permitted")}
+            spec["linux"]["sysctl"] = {"net.ipv4.ping_group_range": "1 0"}
+            spec["linux"]["namespaces"].append({"type": "network"})
+        return apply
+
+    script = "ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1 && echo ok || echo refused"
+    without = hull("run", "-b", str(bundle(["sh", "-c", script], mutate=caps(["CAP_CHOWN"]))),
+                   "noraw")
+    assert without.stdout == b"refused\n", without.stderr
+    with_raw = hull("run", "-b", str(bundle(["sh", "-c", script],
+                                             mutate=caps(["CAP_CHOWN", "CAP_NET_RAW"]))),
+                    "raw")
+    assert with_raw.stdout == b"ok\n", with_raw.stderr
