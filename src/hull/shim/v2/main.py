@@ -243,6 +243,11 @@ def setup_logging(task_id: str, debug: bool) -> None:
         "hull-shim %(levelname)s [%(container_id)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # Hull's own loggers report through the root handler here (the CLI gives "hull" a
+    # handler of its own; the shim process must not depend on what else configured it).
+    hull_logger = logging.getLogger("hull")
+    hull_logger.handlers.clear()
+    hull_logger.propagate = True
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # per-message chatter
 
