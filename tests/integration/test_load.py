@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.cli_helpers import Cli, become_subreaper, reap_all
 from tests.integration.conftest import HULL, BundleFactory
 
@@ -43,6 +45,7 @@ def cycle(cli: Cli, bundle: Path, cid: str, out: Path) -> str | None:
     return f"delete: {done.stderr.decode()[-300:]}" if done.returncode else None
 
 
+@pytest.mark.timeout(max(300, CYCLES * 20))  # a full 4 x 100 run takes ~10 min under TCG
 def test_parallel_lifecycle_loops(state_root: Path, tmp_path: Path, bundle: BundleFactory,
                                   guest_assets_ready: None) -> None:
     become_subreaper()
