@@ -27,6 +27,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def relay_output(channel: AgentChannel, fd: int) -> InboundStream:
+    """A new inbound stream whose bytes are written to host ``fd`` (in a worker thread:
+    a blocking write holds back the stream's credit, and with it the guest process)."""
+    loop = asyncio.get_running_loop()
+
+    async def consume(data: bytes) -> None:
+        await loop.run_in_executor(None, _write_all, fd, data)
+
+    return channel.open_inbound(consume)
+
+
 @dataclass
 class HostStdio:
     """Host fds of one process; None where the process gets nothing (/dev/null)."""
@@ -58,12 +69,7 @@ class ProcessIO:
     def _output(self, fd: int | None) -> int | None:
         if fd is None:
             return None
-        loop = asyncio.get_running_loop()
-
-        async def consume(data: bytes) -> None:
-            await loop.run_in_executor(None, _write_all, fd, data)
-
-        inbound = self.channel.open_inbound(consume)
+        inbound = relay_output(self.channel, fd)
         self._outputs.append(inbound)
         return inbound.stream
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel, InboundStream
+from hull.runtime.stdio import relay_output
 
 log = logging.getLogger("hull.shim.stdio")
 READ_CHUNK = 64 * 1024
@@ -47,12 +48,6 @@ class StdioPaths:
     stdout: str = ""
     stderr: str = ""
     terminal: bool = False
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _open_output(target: str) -> int:
@@ -178,12 +173,7 @@ class TaskIO:
     def _output(self, fd: int | None) -> int | None:
         if fd is None:
             return None
-        loop = asyncio.get_running_loop()
-
-        async def consume(data: bytes) -> None:
-            await loop.run_in_executor(None, _write_all, fd, data)
-
-        inbound = self.channel.open_inbound(consume)
+        inbound = relay_output(self.channel, fd)
         self._outputs.append(inbound)
         return inbound.stream
 
