@@ -17,7 +17,7 @@ from hull.agent.channel import Channel, find_port
 from hull.agent.loop import Loop
 from hull.agent.process import exit_status
 from hull.agent.spec import SpecError, parse_container, parse_mount_options, parse_process
-from hull.agentapi import framing
+from hull.agentapi import framing, mountinfo
 from hull.agentapi.framing import Frame, Kind
 
 # ---------------------------------------------------------------------------- spec
@@ -123,7 +123,16 @@ def test_resolve_follows_path(tmp_path: Path) -> None:
 
 
 def test_mountinfo_unescape() -> None:
-    assert rootfs._unescape(b"/a\\040b\\134c") == "/a b\\c"
+    assert mountinfo.unescape(b"/a\\040b\\134c") == "/a b\\c"
+    assert mountinfo.unescape(b"/plain") == "/plain"
+
+
+def test_mountinfo_mount_points(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_bytes(b"22 1 0:21 / / rw - ext4 /dev/vda rw\n"
+                      b"23 22 0:22 / /a\\040b rw shared:1 - tmpfs none rw\n"
+                      b"short line\n")
+    assert mountinfo.mount_points(str(table)) == ["/", "/a b"]
 
 
 # ---------------------------------------------------------------------------- status, exits

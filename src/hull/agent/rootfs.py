@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from hull.agent import syscalls as sc
 from hull.agent.spec import ContainerSpec, Device, Mount
+from hull.agentapi import mountinfo
 
 Warn = Callable[[str], None]
 _MAX_SYMLINKS = 255
@@ -239,29 +240,7 @@ def _move_root(rootfs: str) -> None:
 
 
 def _mount_points() -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo", "rb") as fh:
-        for line in fh:
-            fields = line.split(b" ", 5)
-            if len(fields) > 4:
-                points.append(_unescape(fields[4]))
-    return points
-
-
-def _unescape(raw: bytes) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if b"\\" not in raw:
-        return os.fsdecode(raw)
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
+    return mountinfo.mount_points()
 
 
 # ---------------------------------------------------------------------------- after pivot

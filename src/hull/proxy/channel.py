@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from hull.agentapi import framing, schema
@@ -109,18 +109,8 @@ class AgentChannel:
                       timeout: float | None = None) -> dict[str, Any]:
         if self.failure:
             raise ProtocolError(f"agent of {self.name}: {self.failure}")
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        try:
-            payload = schema.encode(schema.Request(rid, method, params).to_json())
-            await self._write(Frame(Kind.REQUEST, framing.CONTROL_STREAM, payload))
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise AgentError(f"agent of {self.name} did not answer {method} within "
-                             f"{timeout:g}s") from None
-        finally:
-            self._pending.pop(rid, None)
+        return await call(self.name, self._pending, next(self._ids), method, params,
+                          timeout, self._write)
 
     # ------------------------------------------------------------------ streams
 
@@ -187,16 +177,7 @@ class AgentChannel:
         self._writer.write(frame.encode())
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        decoder = framing.Decoder()
-        try:
-            while data := await reader.read(READ_SIZE):
-                for frame in decoder.feed(data):
-                    self._dispatch(frame)
-            self._fail("the guest closed the channel", violation=False)
-        except (framing.FrameError, schema.SchemaError) as exc:
-            self._fail(f"protocol violation: {exc}", violation=True)
-        except OSError as exc:
-            self._fail(f"channel read failed: {exc}", violation=False)
+        await read_frames(reader, self._dispatch, self._fail)
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.kind is Kind.RESPONSE:
@@ -204,11 +185,7 @@ class AgentChannel:
             fut = self._pending.get(response.id)
             if fut is None:
                 raise framing.FrameError(f"response to request {response.id}, never sent")
-            if not fut.done():
-                if response.error_kind is not None:
-                    fut.set_exception(_agent_error(response))
-                else:
-                    fut.set_result(response.result or {})
+            resolve(fut, response)
         elif frame.kind is Kind.EVENT:
             if self._on_event is not None:
                 self._on_event(schema.decode(frame.payload))
@@ -247,8 +224,56 @@ class AgentChannel:
             self._on_violation(why)
 
 
-def _agent_error(response: schema.Response) -> Exception:
+def agent_error(response: schema.Response) -> Exception:
+    """The exception an error RESPONSE from the agent stands for."""
     message = response.error_message or "unknown agent error"
     if response.error_kind is schema.ErrorKind.STATE:
         return InvalidState(message)
     return AgentError(message)
+
+
+def resolve(fut: asyncio.Future[dict[str, Any]], response: schema.Response) -> None:
+    """Complete a request of our own with the agent's RESPONSE."""
+    if fut.done():
+        return
+    if response.error_kind is not None:
+        fut.set_exception(agent_error(response))
+    else:
+        fut.set_result(response.result or {})
+
+
+async def call(name: str, pending: MutableMapping[int, Any], rid: int,
+               method: schema.Method, params: dict[str, Any], timeout: float | None,
+               send: Callable[[Frame], Awaitable[None]]) -> dict[str, Any]:
+    """Send request ``rid`` and wait for its response, which the reader completes
+    through ``pending[rid]`` (with :func:`resolve`)."""
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    pending[rid] = fut
+    try:
+        payload = schema.encode(schema.Request(rid, method, params).to_json())
+        await send(Frame(Kind.REQUEST, framing.CONTROL_STREAM, payload))
+        return await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        raise AgentError(f"agent of {name} did not answer {method} within "
+                         f"{timeout:g}s") from None
+    finally:
+        pending.pop(rid, None)
+
+
+async def read_frames(reader: asyncio.StreamReader, handle: Callable[[Frame], None],
+                      fail: Callable[[str, bool], None],
+                      after_batch: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Decode the guest's frames into ``handle`` until EOF; any way it ends is told to
+    ``fail(why, violation)``: a frame or message that breaks the protocol is a violation."""
+    decoder = framing.Decoder()
+    try:
+        while data := await reader.read(READ_SIZE):
+            for frame in decoder.feed(data):
+                handle(frame)
+            if after_batch is not None:
+                await after_batch()
+        fail("the guest closed the channel", False)
+    except (framing.FrameError, schema.SchemaError) as exc:
+        fail(f"protocol violation: {exc}", True)
+    except OSError as exc:
+        fail(f"channel read failed: {exc}", False)

@@ -31,12 +31,12 @@ from typing import Any
 
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
-from hull.errors import AgentError, ProtocolError
+from hull.errors import ProtocolError
+from hull.proxy import channel
 
 log = logging.getLogger("hull.proxy")
 ProcessKey = tuple[str, str]
 ProxyHandler = Callable[[schema.Method], Awaitable[dict[str, Any]]]
-READ_SIZE = 256 * 1024
 
 
 class ClientError(Exception):
@@ -99,18 +99,10 @@ class Router:
         """A request of the proxy's own (hello, shutdown ...)."""
         if self.failure:
             raise ProtocolError(f"agent of {self.name}: {self.failure}")
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        try:
-            self._up(Frame(Kind.REQUEST, 0, schema.encode(
-                schema.Request(rid, method, params).to_json())))
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise AgentError(f"agent of {self.name} did not answer {method} within "
-                             f"{timeout:g}s") from None
-        finally:
-            self._pending.pop(rid, None)
+        async def send(frame: Frame) -> None:
+            self._up(frame)
+        return await channel.call(self.name, self._pending, next(self._ids), method, params,
+                                  timeout, send)
 
     def _up(self, frame: Frame) -> None:
         if self._upstream is None or self._upstream.is_closing():
@@ -118,18 +110,11 @@ class Router:
         self._upstream.write(frame.encode())
 
     async def _read_upstream(self, reader: asyncio.StreamReader) -> None:
-        decoder = framing.Decoder()
-        try:
-            while data := await reader.read(READ_SIZE):
-                for frame in decoder.feed(data):
-                    self._from_agent(frame)
-                if self._upstream is not None:
-                    await self._upstream.drain()
-            self._fail("the guest closed the channel", violation=False)
-        except (framing.FrameError, schema.SchemaError) as exc:
-            self._fail(f"protocol violation: {exc}", violation=True)
-        except OSError as exc:
-            self._fail(f"channel failed: {exc}", violation=False)
+        await channel.read_frames(reader, self._from_agent, self._fail, self._drain_upstream)
+
+    async def _drain_upstream(self) -> None:
+        if self._upstream is not None:
+            await self._upstream.drain()
 
     def _from_agent(self, frame: Frame) -> None:
         if frame.kind is Kind.RESPONSE:
@@ -140,11 +125,7 @@ class Router:
             if waiter is None:
                 return
             if isinstance(waiter, asyncio.Future):
-                if not waiter.done():
-                    if response.error_kind is not None:
-                        waiter.set_exception(AgentError(response.error_message))
-                    else:
-                        waiter.set_result(response.result or {})
+                channel.resolve(waiter, response)
                 return
             client, client_id = waiter
             client.send(Frame(Kind.RESPONSE, 0, schema.encode(
@@ -218,7 +199,7 @@ class Router:
         client = Client(name, writer)
         decoder = framing.Decoder()
         try:
-            while not self.failure and (data := await reader.read(READ_SIZE)):
+            while not self.failure and (data := await reader.read(channel.READ_SIZE)):
                 for frame in decoder.feed(data):
                     self._from_client(client, frame)
                 await writer.drain()

@@ -33,7 +33,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from hull.agentapi import schema
+from hull.agentapi import mountinfo, schema
 from hull.errors import HullError
 from hull.hypervisor.base import Share
 
@@ -218,17 +218,11 @@ def _open_dirs(root: Path, rel: str) -> int:
 def mounts_under(path: Path | str) -> list[str]:
     """Mount points at or below ``path`` (by /proc/self/mountinfo), deepest first."""
     top = os.path.realpath(path)
-    found = []
     try:
-        with open("/proc/self/mountinfo", "rb") as fh:
-            for line in fh:
-                fields = line.split(b" ", 5)
-                if len(fields) > 4:
-                    point = _unescape(fields[4])
-                    if point == top or point.startswith(top + "/"):
-                        found.append(point)
+        points = mountinfo.mount_points()
     except OSError:
         return []
+    found = [p for p in points if p == top or p.startswith(top + "/")]
     return sorted(set(found), key=lambda p: (p.count("/"), p), reverse=True)
 
 
@@ -253,19 +247,3 @@ def release(path: Path) -> None:
     if left:
         raise ShareError(f"cannot unmount {', '.join(left)}: not removing {path}")
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _unescape(raw: bytes) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if b"\\" not in raw:
-        return os.fsdecode(raw)
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
