@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
@@ -120,3 +125,20 @@ def test_the_proxy_router_survives_hostile_frames() -> None:
     rng = random.Random(7)
     errors = asyncio.run(_fuzz_router(rng, FRAMES // 2))
     assert errors > FRAMES // 8
+
+
+def test_atheris_coverage_guided_fuzzing_of_the_decoders(tmp_path: Path) -> None:
+    """libFuzzer (atheris) mutates the seed frames guided by coverage of hull's decoders:
+    100,000 inputs into the host channel and the proxy's router, no crash allowed."""
+    pytest.importorskip("atheris", reason="atheris has no wheel for this platform")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number, frame in enumerate(SEEDS):
+        (corpus / f"seed{number}").write_bytes(frame.encode())
+    target = Path(__file__).with_name("atheris_decoders.py")
+    done = subprocess.run(
+        [sys.executable, str(target), str(corpus), f"-runs={FRAMES}", "-seed=20261126",
+         "-max_len=4096", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Done {FRAMES} runs" in done.stderr

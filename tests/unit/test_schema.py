@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from hull.agentapi import schema
@@ -53,3 +56,20 @@ def test_stdio_refuses_shared_streams() -> None:
 def test_decode_refuses_non_objects(payload: bytes) -> None:
     with pytest.raises(schema.SchemaError):
         schema.decode(payload)
+
+
+def test_malformed_json_is_refused_where_the_json_package_was_never_imported() -> None:
+    # The guest agent and lean host processes never import json; the C scanner's error
+    # path then has no JSONDecodeError to raise (found by tests/unit/atheris_decoders.py).
+    code = ("import sys\n"
+            "from hull.agentapi import schema\n"
+            "assert 'json' not in sys.modules\n"
+            "for bad in (b'{\"id\":1rs}', b'[1,]', b'{\"a\" 1}'):\n"
+            "    try:\n"
+            "        schema.decode(bad)\n"
+            "    except schema.SchemaError:\n"
+            "        continue\n"
+            "    raise SystemExit(f'{bad!r} accepted')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr

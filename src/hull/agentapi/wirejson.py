@@ -66,6 +66,12 @@ if _json is not None:
             raise JSONError("nested too deeply") from None
         except ValueError as exc:  # UnicodeDecodeError, json.JSONDecodeError
             raise JSONError(str(exc)) from None
+        except SystemError:
+            # The scanner builds its error from json.decoder.JSONDecodeError, taken from
+            # sys.modules without importing it: where the json package was never imported
+            # (the agent, lean host processes) a malformed value inside an array or object
+            # comes out as "returned NULL without setting an exception". Found by atheris.
+            raise JSONError("malformed JSON value") from None
         if end != len(text):
             raise JSONError(f"extra data at character {end}")
         return value
