@@ -19,6 +19,7 @@ packages=(
     runc                                                  # benchmarks compare against it
     containerd                                            # shim v2 tests (private instance)
     containernetworking-plugins iproute2                  # CRI tests: CNI bridge + host-local
+    iptables                                              # podman --network bridge -p (CNI portmap)
     podman conmon docker.io                               # client tests (test_clients.py)
 )
 missing=()

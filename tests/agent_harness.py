@@ -10,6 +10,7 @@ process's output streams were closed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,24 @@ def spec(args: list[str], *, hostname: str = "box", readonly: bool = False,
                               "/proc/sysrq-trigger"],
         },
     }
+
+
+def share_with_rootfs(shares: Path) -> Path:
+    """A share directory holding a busybox rootfs (the SHARE_TAG share)."""
+    make_rootfs(shares / SHARE_TAG)
+    return shares
+
+
+@contextlib.contextmanager
+def running_agent(tmp: Path, share_dir: Path, **options: Any) -> Iterator[Agent]:
+    """An Agent after hello; on exit it must stop cleanly (status 0)."""
+    agent = Agent(tmp, share_dir, **options)
+    try:
+        agent.hello()
+        yield agent
+    finally:
+        status = agent.stop()
+    assert status == 0, f"agent exited with {status}; log:\n{agent.log()}"
 
 
 class Agent:

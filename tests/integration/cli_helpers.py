@@ -92,3 +92,24 @@ def cleanup(cli: Cli, *cids: str) -> Iterator[None]:
         for cid in cids:
             cli("delete", "--force", cid)
         reap_all()
+
+
+def scrape_monitor(root: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """One scrape of a `hull monitor` started for it (and stopped after): series -> value,
+    e.g. 'hull_sandbox_containers{sandbox="x"}'."""
+    import re
+    import urllib.request
+
+    proc = subprocess.Popen([*HULL, "--root", str(root), "monitor", "--listen",
+                             "127.0.0.1:0"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"http://\S+", proc.stdout.readline())
+        assert url, "hull monitor did not say where it serves"
+        with urllib.request.urlopen(url.group(0), timeout=60) as response:
+            text = response.read().decode()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^(hull_\w+(?:\{[^}]*\})?) (\S+)$", text, re.MULTILINE)}

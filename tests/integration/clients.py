@@ -16,20 +16,24 @@ orphans; the fixtures reap what reparented to them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import fcntl
 import json
 import os
+import secrets
 import select
+import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import termios
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +199,14 @@ def run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: floa
                           check=False)
 
 
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def ok(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 0, f"{' '.join(done.args)} failed ({done.returncode}): " \
         f"{done.stdout}{done.stderr}"
@@ -288,6 +300,108 @@ def podman(reaper: None, rootfs_template: Path, guest_assets_ready: None,
             client("rmi", "-af")
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- Podman networks
+
+#: host-local's state directory (Podman gives its CNI networks no other).
+CNI_IPAM_DIR = Path("/var/lib/cni/networks")
+
+
+def iptables_chains() -> set[tuple[str, str]]:
+    """(table, chain) of the host's iptables filter and nat tables."""
+    found = set()
+    for table in ("filter", "nat"):
+        out = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True,
+                             check=True).stdout
+        found |= {(table, line.split()[1]) for line in out.splitlines()
+                  if line.startswith(("-N ", "-P "))}
+    return found
+
+
+def drop_chains_since(before: set[tuple[str, str]]) -> None:
+    """Remove the iptables chains made since ``before`` and the rules jumping to them
+    (CNI's portmap and firewall plugins make chains that nothing ever removes)."""
+    new = iptables_chains() - before
+    for table in ("filter", "nat"):
+        mine = {chain for t, chain in new if t == table}
+        out = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True,
+                             check=True).stdout
+        for line in out.splitlines():
+            rule = shlex.split(line)
+            if (rule[0] == "-A" and rule[1] not in mine and "-j" in rule
+                    and rule[rule.index("-j") + 1] in mine):
+                subprocess.run(["iptables", "-t", table, "-D", *rule[1:]], check=True)
+        for flag in ("-F", "-X"):
+            for chain in sorted(mine):
+                subprocess.run(["iptables", "-t", table, flag, chain], check=True)
+
+
+@dataclass
+class BridgeNetwork:
+    name: str
+    bridge: str
+    subnet: str
+    #: the Podman whose default network (`--network bridge`) this one is
+    podman: Podman
+
+
+@contextlib.contextmanager
+def bridge_network(podman: Podman) -> Iterator[BridgeNetwork]:
+    """A private CNI bridge network (its own bridge and subnet), made the default one so
+    that `--network bridge` uses it. Afterwards the network, its bridge, its IPAM state
+    and the iptables chains its plugins made are gone."""
+    name = f"hull{secrets.token_hex(3)}"
+    subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+    chains = iptables_chains()
+    made_ipam_dir = not CNI_IPAM_DIR.exists()
+    conf = podman.base / f"containers-{name}.conf"
+    conf.write_text(podman.conf.read_text().replace(
+        "[network]\n", f'[network]\ndefault_network = "{name}"\n'))
+    client = copy.copy(podman)
+    client.env = {**podman.env, "CONTAINERS_CONF": str(conf)}
+    bridge = ""
+    try:
+        # Made before it is the default one, or Podman says the default exists already.
+        ok(podman("network", "create", "--subnet", subnet, name))
+        # Podman 4.3 picks the bridge's name: the first free cni-podmanN.
+        bridge = ok(podman("network", "inspect", "--format", "{{.NetworkInterface}}",
+                           name)).strip()
+        yield BridgeNetwork(name, bridge, subnet, client)
+    finally:
+        podman("network", "rm", "-f", name)
+        if bridge and Path(f"/sys/class/net/{bridge}").exists():
+            subprocess.run(["ip", "link", "del", bridge], check=False)
+        shutil.rmtree(CNI_IPAM_DIR / name, ignore_errors=True)
+        if made_ipam_dir:
+            with contextlib.suppress(OSError):
+                CNI_IPAM_DIR.rmdir()
+        drop_chains_since(chains)
+        conf.unlink()
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 60) -> bytes:
+    """The body of an HTTP/1.0 GET, straight over a socket (no proxy from the
+    environment may intervene), retried until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5) as conn:
+                conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                reply = b""
+                while chunk := conn.recv(65536):
+                    reply += chunk
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        head, _, body = reply.partition(b"\r\n\r\n")
+        if b" 200 " in head.split(b"\r\n")[0]:
+            return body
+        if time.monotonic() > deadline:  # e.g. an empty reply while the server starts
+            raise AssertionError(f"GET http://{host}:{port}{path}: {reply[:200]!r}")
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------- containerd

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from hull.config import settings
+from hull.hypervisor.vsock import VHOST_VSOCK
 from tests.integration.conftest import BundleFactory, Runner
 
 
@@ -80,3 +83,15 @@ def test_duplicate_id_while_running(hull: Runner, bundle: BundleFactory,
         import shutil
 
         shutil.rmtree(state_root / "dup")
+
+
+@pytest.mark.skipif(os.path.exists(VHOST_VSOCK), reason=f"this host has {VHOST_VSOCK}")
+def test_vsock_channel_without_vhost_vsock(hull: Runner, bundle: BundleFactory,
+                                           tmp_path: Path) -> None:
+    config = tmp_path / "hull.toml"
+    config.write_text(f'[hypervisor]\nchannel = "vsock"\n[runtime]\n'
+                      f'asset_dir = "{settings.load().runtime.asset_dir}"\n')
+    line = one_error_line(hull("--config", str(config), "run", "-b", str(bundle(["true"])),
+                               "vs"))
+    assert line.endswith(f'hypervisor.channel is "vsock", but cannot open {VHOST_VSOCK}: '
+                         'No such file or directory (modprobe vhost_vsock, or use "auto")')

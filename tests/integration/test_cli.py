@@ -171,27 +171,55 @@ def test_terminal_rules(cli: Cli, bundle: BundleFactory) -> None:
     assert not (cli.root / "t").exists()
 
 
-def test_hooks_get_the_state(cli: Cli, bundle: BundleFactory, tmp_path: Path) -> None:
-    log = tmp_path / "hooks.log"
-    hook = tmp_path / "hook.sh"
-    hook.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {log}\n")
-    hook.chmod(0o755)
+def test_hooks_run_in_order_host_ones_on_the_host_guest_ones_in_the_guest(
+        cli: Cli, bundle: BundleFactory, tmp_path: Path) -> None:
+    shared = tmp_path / "bundle" / "rootfs" / "hooks.log"  # the guest's /hooks.log
+    host_hook = tmp_path / "hook.sh"
+    host_hook.write_text(f"#!/bin/sh\necho \"$1 host $(uname -r) $(cat)\" >> {shared}\n")
+    host_hook.chmod(0o755)
+    # Paths in the container: the guest has no such hook, the rootfs's busybox has.
+    guest_hook = "echo \"$0 guest $(uname -r) $(hostname) $(cat)\" >> /hooks.log; sync"
 
     def hooks(spec: dict[str, object]) -> None:
-        spec["hooks"] = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
-                         for kind in ("prestart", "createRuntime", "poststart", "poststop")}
+        spec["hooks"] = {
+            kind: [{"path": str(host_hook), "args": ["hook.sh", kind]}]
+            for kind in ("prestart", "createRuntime", "poststart", "poststop")} | {
+            kind: [{"path": "/bin/sh", "args": ["sh", "-c", guest_hook, kind], "timeout": 30}]
+            for kind in ("createContainer", "startContainer")}
 
-    b = bundle(["true"], mutate=hooks)
+    b = bundle(["cat", "/hooks.log"], mutate=hooks)
     with cleanup(cli, "hk"):
-        assert cli.create("hk", b)[0].returncode == 0
+        done, out, _ = cli.create("hk", b, "--pid-file", str(cli.work / "pid"))
+        assert done.returncode == 0, (cli.work / "hk.err").read_text()
+        assert [line.split()[0] for line in shared.read_text().splitlines()] == [
+            "prestart", "createRuntime", "createContainer"]
         assert cli("start", "hk").returncode == 0
         cli.wait_status("hk", "stopped")
         assert cli("delete", "hk").returncode == 0
-    lines = log.read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["prestart", "createRuntime", "poststart",
-                                                   "poststop"]
-    state = json.loads(lines[0].split(" ", 1)[1])
-    assert state["id"] == "hk" and state["status"] == "created" and state["pid"] > 0
+    lines = [line.split(" ", 3) for line in shared.read_text().splitlines()]
+    assert [line[:2] for line in lines] == [
+        ["prestart", "host"], ["createRuntime", "host"], ["createContainer", "guest"],
+        ["startContainer", "guest"], ["poststart", "host"], ["poststop", "host"]]
+    # The guest's kernel (not the host's) and the container's uts namespace.
+    guest_release = lines[2][2]
+    assert guest_release != os.uname().release and lines[3][2] == guest_release
+    states = {line[0]: json.loads(line[3].split(" ", 1)[1] if line[1] == "guest" else line[3])
+              for line in lines}
+    assert all(line[3].startswith("hulltest ") for line in lines if line[1] == "guest")
+    pid = int((cli.work / "pid").read_text())
+    assert states["prestart"]["status"] == "creating" and states["prestart"]["pid"] == pid
+    assert states["createRuntime"]["id"] == "hk"
+    # In the guest: the init's pid in its own pid namespace, as runc gives it.
+    assert states["createContainer"] | {"pid": 0, "status": ""} == \
+        states["createRuntime"] | {"pid": 0, "status": ""}
+    assert (states["createContainer"]["status"], states["createContainer"]["pid"]) == (
+        "creating", 1)
+    assert (states["startContainer"]["status"], states["startContainer"]["pid"]) == (
+        "created", 1)
+    assert states["poststart"]["status"] == "running"
+    # The process ran after the startContainer hook (poststart may come before its cat).
+    assert [line.split()[0] for line in out.read_text().splitlines()][:4] == [
+        "prestart", "createRuntime", "createContainer", "startContainer"]
 
 
 def test_failing_prestart_hook_fails_create_and_leaves_nothing(cli: Cli,
@@ -202,6 +230,32 @@ def test_failing_prestart_hook_fails_create_and_leaves_nothing(cli: Cli,
     line = one_line(cli("create", "--bundle", str(bundle(["true"], mutate=hooks)), "hf"))
     assert "prestart hook #0 (/bin/false) failed" in line
     assert not (cli.root / "hf").exists()
+
+
+def test_failing_guest_hooks_fail_create_and_start(cli: Cli, bundle: BundleFactory) -> None:
+    def failing_create(spec: dict[str, object]) -> None:
+        spec["hooks"] = {"createContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "echo 'no gpu here' >&2; exit 4"]}]}
+
+    line = one_line(cli("create", "--bundle", str(bundle(["true"], mutate=failing_create)),
+                        "hc"))
+    assert line.endswith("container hc: createContainer hook #0 (/bin/sh) failed: "
+                         "exit status 4: no gpu here")
+    assert not (cli.root / "hc").exists()
+
+    def slow_start(spec: dict[str, object]) -> None:
+        spec["hooks"] = {"startContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "sleep 60"], "timeout": 2}]}
+
+    b = bundle(["touch", "/ran"], mutate=slow_start)
+    with cleanup(cli, "hs"):
+        assert cli.create("hs", b)[0].returncode == 0
+        line = one_line(cli("start", "hs"))
+        assert line.endswith("container hs: startContainer hook #0 (/bin/sh) failed: "
+                             "timed out after 2s")
+        assert cli.wait_status("hs", "stopped")["status"] == "stopped"
+        assert cli("delete", "hs").returncode == 0
+    assert not (b / "rootfs" / "ran").exists()
 
 
 def test_json_log_has_the_error_containerd_reads(cli: Cli, tmp_path: Path) -> None:

@@ -8,13 +8,14 @@ once per module on private paths (clients.py) and every test removes what it mad
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,16 @@ from tests.integration.clients import (
     Containerd,
     Docker,
     Podman,
+    bridge_network,
     containerd,
     docker,
+    http_get,
     hull_states,
     ok,
     podman,
     reaper,
     run,
+    wait_for,
 )
 from tests.integration.conftest import HULL
 
@@ -46,14 +50,6 @@ TTY_DIALOG = ("size() { for i in $(seq 100); do s=$(stty size 2>/dev/null); "
               "[ \"$s\" = \"$1\" ] && break; sleep 0.1; done; echo size:$s; }; "
               "tty; size '33 101'; echo READY; read x; echo got:$x; size '40 120'; exit 4")
 DIALOG = ((b"READY", b"hello-input\r"), (b"got:hello-input", (40, 120)))
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def check_tty_dialog(text: str) -> None:
@@ -153,6 +149,36 @@ def test_podman_rm_force_of_a_running_container(podman: Podman) -> None:
     ok(podman.by_conf("rm", "-f", cid))
     assert podman.containers() == []
     assert not (DEFAULT_ROOT / cid).exists()
+
+
+#: The host port Podman publishes (on loopback only).
+PUBLISHED_PORT = 18080
+
+
+def test_podman_bridge_network_publishes_a_port(podman: Podman) -> None:
+    """`--network bridge -p`: Podman's CNI bridge gives the container's namespace a
+    veth, which Hull mirrors into the VM; the published port on the host's loopback
+    (portmap's DNAT, conmon holding the port) reaches busybox httpd in the guest."""
+    with bridge_network(podman) as net:
+        serve = "echo hello-from-hull > /tmp/index.html && exec httpd -f -p 80 -h /tmp"
+        cid = ok(net.podman("run", "-d", "--network", "bridge",
+                            "-p", f"127.0.0.1:{PUBLISHED_PORT}:80", IMAGE,
+                            "sh", "-c", serve)).strip()
+        try:
+            address = ok(net.podman("inspect", "--format",
+                                    "{{.NetworkSettings.IPAddress}}", cid)).strip()
+            assert ipaddress.ip_address(address) in ipaddress.ip_network(net.subnet)
+            body = http_get("127.0.0.1", PUBLISHED_PORT, "/index.html", timeout=90)
+            assert body == b"hello-from-hull\n"
+            netns = ok(net.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
+                                  cid)).strip()
+            assert os.path.exists(netns), netns
+        finally:
+            ok(net.podman("rm", "-f", "-t", "0", cid))
+        assert not os.path.exists(netns), f"podman left the namespace {netns}"
+        assert not os.listdir(f"/sys/class/net/{net.bridge}/brif"), "a veth is left"
+    assert podman.containers() == []
+    assert not os.path.exists(f"/sys/class/net/{net.bridge}")
 
 
 # ---------------------------------------------------------------------- containerd

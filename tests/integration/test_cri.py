@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.clients import http_get
 from tests.integration.cri.client import Cri, pb
 from tests.integration.cri.fixture import (
     HANDLER,
@@ -184,3 +185,40 @@ def test_container_exit_stop_and_remove_in_a_running_pod(cri: CriEnv) -> None:
     assert c.exec_sync(again, ["ls", "/bin/sleep"]).exit_code == 0
     c.stop_pod(pod)
     c.remove_pod(pod)
+
+
+def test_pod_network_reached_from_the_host_and_shared_by_its_containers(cri: CriEnv) -> None:
+    """CNI (bridge + host-local) gives the pod an address; a server in one container is
+    reached from the host at that address through the test's bridge, and from the
+    other container on localhost: the pod's containers share one network in its VM."""
+    c = cri.client
+    pod, pod_config = c.run_pod("net", HANDLER)
+    status = c.pod_status(pod)
+    pod_ip = status.network.ip
+    assert pod_ip, "CNI gave the pod no address"
+    verbose = c.call("PodSandboxStatus", pb.PodSandboxStatusRequest(pod_sandbox_id=pod,
+                                                                    verbose=True))
+    spec = json.loads(verbose.info["info"])["runtimeSpec"]
+    netns = next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
+    assert os.listdir(f"/sys/class/net/{cri.bridge}/brif"), "no veth on the CNI bridge"
+
+    server = c.create_container(pod, pod_config, "a", BUSYBOX_IMAGE,
+                                ["httpd", "-f", "-p", "8080", "-h", "/www"])
+    client = c.create_container(pod, pod_config, "b", BUSYBOX_IMAGE, ["sleep", "3600"])
+    c.start_container(server)
+    c.start_container(client)
+
+    assert http_get(pod_ip, 8080, "/index.html") == b"hello from the other container\n"
+    reply = exec_until(c, client, ["wget", "-qO-", "http://127.0.0.1:8080/index.html"])
+    assert (reply.exit_code, reply.stdout) == (0, b"hello from the other container\n"), \
+        reply.stderr
+    reply = c.exec_sync(client, ["ip", "-4", "-o", "addr", "show", "eth0"])
+    assert reply.exit_code == 0, reply.stderr
+    assert f" {pod_ip}/" in reply.stdout.decode(), reply.stdout
+
+    c.stop_pod(pod)
+    c.remove_pod(pod)
+    # CNI DEL took the pod's veth and containerd its namespace (the fixture deletes the
+    # bridge, which the bridge plugin never does).
+    assert not os.path.exists(netns), f"the pod's network namespace {netns} is left"
+    assert not os.listdir(f"/sys/class/net/{cri.bridge}/brif"), "a veth is left on the bridge"

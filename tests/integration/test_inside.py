@@ -179,3 +179,72 @@ def test_dropped_net_raw_makes_raw_sockets_fail(hull: Runner, bundle: BundleFact
                                              mutate=caps(["CAP_CHOWN", "CAP_NET_RAW"]))),
                     "raw")
     assert with_raw.stdout == b"ok\n", with_raw.stderr
+
+
+# Runs in the container, inside the guest: the agent in test mode listening on vsock, and
+# a client reaching it through the guest kernel's loopback transport (CID 1), twice.
+_VSOCK_CLIENT = """
+import socket, subprocess, sys, time
+from hull.agentapi import framing, schema
+from hull.agentapi.framing import Frame, Kind
+
+agent = subprocess.Popen([sys.executable, "-m", "hull.agent.main", "--test", "--vsock-port",
+                          "5000", "--share-dir", "/tmp", "--run-dir", "/tmp/run"])
+
+def session(n):
+    deadline = time.monotonic() + 60
+    while True:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            sock.connect((1, 5000))
+            break
+        except OSError:
+            sock.close()
+            assert time.monotonic() < deadline and agent.poll() is None
+            time.sleep(0.05)
+    hello = {"version": schema.PROTOCOL_VERSION, "entropy": "00" * 16,
+             "time_ns": time.time_ns()}
+    sock.sendall(Frame(Kind.REQUEST, 0, schema.encode(
+        {"id": n, "method": "hello", "params": hello})).encode())
+    decoder, frames = framing.Decoder(), []
+    while not frames:
+        data = sock.recv(65536)
+        assert data, "the agent closed the connection"
+        frames += decoder.feed(data)
+    reply = schema.decode(frames[0].payload)
+    print("session", n, reply["id"], reply["result"]["version"] == schema.PROTOCOL_VERSION,
+          flush=True)
+    sock.close()
+
+session(1)
+session(2)  # the agent outlives a session: the next connection is served
+agent.terminate()
+print("agent exit", agent.wait(), flush=True)
+"""
+
+
+def test_agent_vsock_listener_in_the_guest(hull: Runner, bundle: BundleFactory) -> None:
+    """hypervisor.channel = "vsock" needs /dev/vhost-vsock on the host, which this test
+    does not: the agent's listener runs in the guest kernel, reached over its loopback
+    transport, with the host's python and the hull sources bind-mounted in."""
+    import hull as hull_package
+
+    src = Path(hull_package.__file__).parent.parent
+
+    def python_inside(spec: dict[str, Any]) -> None:
+        spec["mounts"] += [{"destination": dest, "type": "bind", "source": source,
+                            "options": ["rbind", "ro"]}
+                           for dest, source in (("/usr", "/usr"), ("/hull-src", str(src)))]
+        spec["process"]["env"].append("PYTHONPATH=/hull-src")
+        # --test mode gives the agent its own mount namespace
+        spec["process"]["capabilities"] = {k: ["CAP_SYS_ADMIN", "CAP_KILL"] for k in
+                                           ("bounding", "effective", "permitted")}
+
+    path = bundle(["/usr/bin/python3", "-S", "-c", _VSOCK_CLIENT], mutate=python_inside)
+    for link in ("lib", "lib64"):  # the host's merged /usr layout
+        if not (path / "rootfs" / link).exists():
+            (path / "rootfs" / link).symlink_to(f"usr/{link}")
+    done = hull("run", "-b", str(path), "vsockloop", timeout=300)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stdout.decode().split("\n")[:3] == [
+        "session 1 1 True", "session 2 2 True", "agent exit 0"], done.stdout

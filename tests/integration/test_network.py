@@ -8,8 +8,10 @@ and the VM; nothing reaches the host's own network. Everything is deleted afterw
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.integration.cli_helpers import Cli, become_subreaper, cleanup, reap_all
+from tests.integration.clients import wait_for
 from tests.integration.conftest import HULL, BundleFactory, Runner
+from tests.integration.containerd_fixture import RUNTIME, Containerd, containerd
+from tests.integration.test_shim_v2 import qemu_of, shim_pids
+
+__all__ = ["containerd"]  # the fixture, imported for the tests of this module
 
 CTR_V4, PEER_V4 = "10.123.0.2", "10.123.0.1"
 CTR_V6, PEER_V6 = "fd00:123::2", "fd00:123::1"
@@ -268,26 +276,93 @@ def test_teardown_leaves_the_veth_as_it_was(hull: Runner, bundle: BundleFactory,
     assert one_veth.snapshot() == before
 
 
-def test_create_start_delete_cleans_up(hull: Runner, bundle: BundleFactory,
-                                       one_veth: Net, state_root: Path,
-                                       tmp_path: Path) -> None:
-    """CLI mode (the proxy daemon owns QEMU): filters exist while it runs, go on delete."""
+def hull_filters(net: Net, dev: str = "eth0") -> str:
+    """Hull's redirect filters on ``dev``'s ingress (priority 0xC0DE = 49374)."""
+    out = in_ns(net.ctr, ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
+    return "\n".join(line for line in out.splitlines() if "pref 49374" in line)
+
+
+def created_and_started(cli: Cli, b: Path, cid: str, net: Net) -> dict[str, Any]:
+    """`hull create` + `hull start` in CLI mode (the proxy daemon owns QEMU); the
+    container's state.json. Its taps and filters are in place."""
+    done, _, err = cli.create(cid, b)
+    assert done.returncode == 0, err.read_text()
+    assert cli("start", cid).returncode == 0
+    assert hull_filters(net) and "hulltap" in ip("link", netns=net.ctr)
+    state: dict[str, Any] = json.loads((cli.root / cid / "state.json").read_text())
+    return state
+
+
+@pytest.fixture
+def cli(state_root: Path, tmp_path: Path, guest_assets_ready: None) -> Iterator[Cli]:
+    become_subreaper()  # the proxies and shims reparent to us, as to conmon
+    try:
+        yield Cli(state_root, tmp_path)
+    finally:
+        reap_all()
+
+
+def test_create_start_delete_cleans_up(cli: Cli, bundle: BundleFactory,
+                                       one_veth: Net) -> None:
+    """CLI mode: filters exist while it runs, go on delete."""
     before = one_veth.snapshot()
     b = bundle(["sleep", "30"], mutate=with_netns(one_veth.ctr_path))
-    # The container's stdio are files, as a client's would be (the shim keeps them).
-    with open(tmp_path / "out", "wb") as out:
-        done = subprocess.run([*HULL, "--root", str(state_root), "create", "-b", str(b),
-                               "cli"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                              timeout=120, check=False)
-    assert done.returncode == 0, (tmp_path / "out").read_text()
-    try:
-        assert hull("start", "cli").returncode == 0
-        filters = in_ns(one_veth.ctr, ["tc", "filter", "show", "dev", "eth0", "ingress"])
-        assert "mirred" in filters.stdout and "hulltap" in ip("link", netns=one_veth.ctr)
+    with cleanup(cli, "cli"):
+        created_and_started(cli, b, "cli", one_veth)
         ping = in_ns(one_veth.peer, ["busybox", "ping", "-c", "1", "-W", "10", CTR_V4])
         assert ping.returncode == 0, ping.stdout
-    finally:
-        hull("delete", "--force", "cli")
+    assert one_veth.snapshot() == before
+
+
+@pytest.mark.parametrize("victim", ["proxy", "qemu"])
+def test_delete_force_after_a_sigkill_restores_the_veth(cli: Cli, bundle: BundleFactory,
+                                                        one_veth: Net, victim: str) -> None:
+    """SIGKILL of the proxy (QEMU dies with it): nothing removes its filters but the
+    `delete --force` that follows, from the sandbox's network.json. SIGKILL of QEMU: the
+    proxy sees it and cleans up itself. Either way the veth ends as it was: no tap, no
+    Hull filter, no ingress qdisc Hull added."""
+    before = one_veth.snapshot()
+    b = bundle(["sleep", "300"], mutate=with_netns(one_veth.ctr_path))
+    with cleanup(cli, "killed"):
+        state = created_and_started(cli, b, "killed", one_veth)
+        proxy = state["proxy_pid"]
+        qemu = subprocess.run(["pgrep", "-P", str(proxy), "qemu-system"],
+                              capture_output=True, text=True, check=False).stdout.split()
+        assert len(qemu) == 1, f"no qemu under proxy {proxy}"
+        os.kill(proxy if victim == "proxy" else int(qemu[0]), signal.SIGKILL)
+        # QEMU exits either way (PDEATHSIG), and its tap with its last fd.
+        wait_for(lambda: not os.path.exists(f"/proc/{qemu[0]}/cmdline")
+                   or not Path(f"/proc/{qemu[0]}/cmdline").read_bytes(), "qemu to exit")
+        if victim == "proxy":
+            wait_for(lambda: "hulltap" not in ip("link", netns=one_veth.ctr), "the tap")
+            assert hull_filters(one_veth), "the killed proxy's filters are gone already"
+        done = cli("delete", "--force", "killed")
+        assert done.returncode == 0, done.stderr
+        assert not (cli.root / "killed").exists()
+    assert "hulltap" not in ip("link", netns=one_veth.ctr)
+    assert not hull_filters(one_veth)
+    assert one_veth.snapshot() == before
+
+
+def test_shim_delete_after_the_shim_was_killed_restores_the_veth(
+        containerd: Containerd, bundle: BundleFactory, one_veth: Net) -> None:
+    """shim v2: containerd runs `containerd-shim-hull-v2 delete` for a shim that died; it
+    removes the dead shim's filters from the task's namespace (from network.json)."""
+    before = one_veth.snapshot()
+    rootfs = bundle(["true"]) / "rootfs"
+    done = containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns",
+                          f"network:{one_veth.ctr_path}", "--rootfs", str(rootfs), "n1",
+                          "sleep", "1000", check=False)
+    assert done.returncode == 0, done.stderr
+    assert hull_filters(one_veth) and "hulltap" in ip("link", netns=one_veth.ctr)
+    (shim,) = shim_pids("n1")
+    os.kill(shim, signal.SIGKILL)
+    wait_for(lambda: "n1" not in containerd.tasks(), "containerd to forget the task", 30)
+    containerd.ctr("containers", "rm", "n1")
+    # containerd forgets the task, then runs the shim's delete
+    wait_for(lambda: not qemu_of("n1") and not hull_filters(one_veth),
+               "the shim's delete to remove the vm and the filters", 30)
+    assert "hulltap" not in ip("link", netns=one_veth.ctr)
     assert one_veth.snapshot() == before
 
 

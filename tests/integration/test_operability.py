@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +12,14 @@ import pytest
 
 from hull.config import settings
 from hull.image import initrd
-from tests.integration.cli_helpers import Cli, become_subreaper, cleanup, reap_all
-from tests.integration.conftest import HULL, BundleFactory
+from tests.integration.cli_helpers import (
+    Cli,
+    become_subreaper,
+    cleanup,
+    reap_all,
+    scrape_monitor,
+)
+from tests.integration.conftest import BundleFactory
 
 
 @pytest.fixture
@@ -94,19 +98,7 @@ def test_logs_returns_the_console_and_the_agent_log(cli: Cli, bundle: BundleFact
 def test_metrics_endpoint_has_the_sandbox_overhead(cli: Cli, bundle: BundleFactory) -> None:
     with cleanup(cli, "mon"):
         running(cli, bundle, "mon")
-        proc = subprocess.Popen([*HULL, "--root", str(cli.root), "monitor", "--listen",
-                                 "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            url = re.search(r"http://\S+", proc.stdout.readline())
-            assert url, "hull monitor did not say where it serves"
-            with urllib.request.urlopen(url.group(0), timeout=60) as response:
-                text = response.read().decode()
-        finally:
-            proc.terminate()
-            assert proc.wait(10) == 0
-        metrics = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^(hull_\w+(?:\{[^}]*\})?) (\S+)$', text, re.MULTILINE)}
+        metrics = scrape_monitor(cli.root)
         overhead = metrics['hull_sandbox_host_overhead_total_bytes{sandbox="mon"}']
         qemu = metrics['hull_sandbox_host_overhead_bytes{component="qemu",sandbox="mon"}']
         assert 10e6 < qemu <= overhead < 2e9

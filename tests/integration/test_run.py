@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import struct
@@ -144,15 +145,26 @@ def test_hooks_run_in_the_foreground_too(hull: Runner, bundle: BundleFactory,
     hook.write_text(f"#!/bin/sh\nread state; echo \"$1 $state\" >> {log}\n")
     hook.chmod(0o755)
 
-    def hooks(spec: dict[str, object]) -> None:
-        spec["hooks"] = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
-                         for kind in ("prestart", "createRuntime", "poststart", "poststop")}
+    in_guest = "read -r state; echo \"$0 $(uname -r) $state\" >> /guest-hooks.log"
 
-    done = hull("run", "-b", str(bundle(["true"], mutate=hooks)), "hooked")
+    def hooks(spec: dict[str, object]) -> None:
+        on_host = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
+                   for kind in ("prestart", "createRuntime", "poststart", "poststop")}
+        spec["hooks"] = on_host | {
+            kind: [{"path": "/bin/sh", "args": ["sh", "-c", in_guest, kind]}]
+            for kind in ("createContainer", "startContainer")}
+
+    b = bundle(["cat", "/guest-hooks.log"], mutate=hooks)
+    done = hull("run", "-b", str(b), "hooked")
     assert done.returncode == 0, done.stderr
     kinds = [line.split()[0] for line in log.read_text().splitlines()]
     assert kinds == ["prestart", "createRuntime", "poststart", "poststop"]
     assert '"id": "hooked"' in log.read_text()
+    # The guest's hooks ran in the guest's kernel, before the process.
+    guest = [line.split(" ", 2) for line in done.stdout.decode().splitlines()]
+    assert [g[0] for g in guest] == ["createContainer", "startContainer"]
+    assert guest[0][1] != os.uname().release
+    assert json.loads(guest[1][2])["id"] == "hooked"
 
 
 def test_kill_and_state_of_a_foreground_run(bundle: BundleFactory, state_root: Path,

@@ -17,7 +17,7 @@ import pytest
 import hull
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
-from tests.agent_harness import Agent, AgentDied, make_rootfs, process, spec
+from tests.agent_harness import Agent, AgentDied, make_rootfs, process, running_agent, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent needs root")
 
@@ -34,13 +34,8 @@ def share_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _start_agent(tmp_path: Path, share_dir: Path, *, no_pivot: bool = False
                  ) -> Iterator[Agent]:
-    agent = Agent(tmp_path, share_dir, no_pivot=no_pivot)
-    try:
-        agent.hello()
+    with running_agent(tmp_path, share_dir, no_pivot=no_pivot) as agent:
         yield agent
-    finally:
-        status = agent.stop()
-    assert status == 0, f"agent exited with {status}; log:\n{agent.log()}"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from hull.agent import seccomp
 from hull.agentapi import schema
-from tests.agent_harness import Agent, make_rootfs, spec
+from tests.agent_harness import Agent, make_rootfs, running_agent, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent needs root")
 
@@ -34,13 +34,8 @@ def cgroot(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def agent(tmp_path: Path, share_dir: Path, cgroot: Path) -> Iterator[Agent]:
-    agent = Agent(tmp_path, share_dir, cgroup_root=cgroot)
-    try:
-        agent.hello()
+    with running_agent(tmp_path, share_dir, cgroup_root=cgroot) as agent:
         yield agent
-    finally:
-        status = agent.stop()
-    assert status == 0, f"agent exited with {status}; log:\n{agent.log()}"
 
 
 def run(agent: Agent, cid: str, config: dict[str, Any]) -> tuple[int, str, str]:

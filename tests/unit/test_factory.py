@@ -81,7 +81,19 @@ def test_clone_config_points_the_template_devices_at_the_clone_dirs(tmp_path: Pa
         Share("hullroot", t.empty, readonly=True), pod_share)
 
 
-@pytest.mark.parametrize("kw", [{"nics": (Nic("02:00:00:00:00:01", 5),)},
+def test_clone_config_backs_the_template_nics_with_the_sandbox_taps(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    clone = factory.clone_config(vm(nics=(Nic("02:00:00:00:00:01", 5, 1400),)), t, 7)
+    assert clone.nics == (Nic(factory.template_mac(0), 5, factory.TEMPLATE_MTU),)
+    assert factory.clone_config(vm(), t, 7).nics == factory.spare_nics()
+    args = argv.build("q", clone, argv.Fds(3, 4))
+    assert opt(args, "-netdev") == ["tap,id=net0,fd=5"]
+    assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
+            in opt(args, "-device"))
+
+
+@pytest.mark.parametrize("kw", [{"nics": tuple(Nic(f"02:00:00:00:00:0{i}", 5 + i)
+                                               for i in range(factory.TEMPLATE_NICS + 1))},
                                 {"shares": (Share("other", Path("/x")),)}])
 def test_clone_config_refuses_devices_templates_lack(tmp_path: Path, kw: dict[str, object]
                                                      ) -> None:
@@ -92,7 +104,17 @@ def test_clone_config_refuses_devices_templates_lack(tmp_path: Path, kw: dict[st
 def test_template_config_has_fixed_devices(tmp_path: Path) -> None:
     cfg = factory.template_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)), tmp_path)
     assert [s.tag for s in cfg.shares] == list(factory.TEMPLATE_TAGS)
-    assert cfg.nics == () and cfg.memory_shared and cfg.memory_file == tmp_path / "ram"
+    assert cfg.nics == factory.spare_nics() and all(n.tap_fd == -1 for n in cfg.nics)
+    assert cfg.memory_shared and cfg.memory_file == tmp_path / "ram"
+    args = argv.build("q", cfg, argv.Fds(3, 4))
+    assert "-netdev" not in args  # the spare NICs have no backend
+    assert f"virtio-net-device,mac={factory.template_mac(0)},host_mtu=65535" in opt(
+        args, "-device")
+
+
+def test_memory_classes() -> None:
+    assert [factory.memory_class(m) for m in (64, 200, 256, 257, 384, 512, 1000, 1025)] == [
+        64, 256, 256, 512, 512, 512, 1024, 2048]
 
 
 def test_a_whole_template_passes(tmp_path: Path) -> None:
@@ -154,6 +176,7 @@ def test_factory_config_defaults_off_and_checks(tmp_path: Path) -> None:
     bad.write_text('[factory]\ntemplate_dir = "relative"\n')
     with pytest.raises(ConfigError, match="template_dir"):
         settings.load(bad)
-    bad.write_text("[factory]\npool_size = 3\n")
+    bad.write_text(f"[factory]\npool_size = {settings.MAX_POOL + 1}\n")
     with pytest.raises(ConfigError, match="pool_size"):
         settings.load(bad)
+    assert config.factory.auto_rebuild is True

@@ -529,3 +529,31 @@ def test_real_image_boots_python_as_init(real_image: Path, no_leaks: None) -> No
     assert "HULL-PROBE 3.11" in out, out[-2000:]
     assert "HULL-PROBE-IMPORTED" in out, out[-2000:]
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="needs the lz4 tool")
+def test_lz4_is_the_legacy_frame_the_kernel_reads() -> None:
+    data = os.urandom(1000) * 50
+    packed = initrd.compress(data, "lz4")
+    assert packed[:4] == b"\x02\x21\x4c\x18"  # lz4 legacy magic (lib/decompress_unlz4.c)
+    assert subprocess.run(["lz4", "-dc"], input=packed, capture_output=True,
+                          check=True).stdout == data
+
+
+def test_compression_needs_a_kernel_that_unpacks_it(tmp_path: Path) -> None:
+    store = AssetStore(tmp_path)
+    initrd.check_kernel_unpacks(store, "lz4")  # no kernel yet: nothing to check against
+    with store.building(KERNEL, "k1") as out:
+        (out / "config").write_text("CONFIG_RD_GZIP=y\n# CONFIG_RD_LZ4 is not set\n")
+        store.write_manifest(out, {"key": "k1"})
+    store.publish(KERNEL, "k1")
+    initrd.check_kernel_unpacks(store, "gzip")
+    initrd.check_kernel_unpacks(store, "none")
+    with pytest.raises(AssetError, match=r"cannot unpack a lz4 initrd \(CONFIG_RD_LZ4=y is "
+                                         r"not in .*/kernel/k1/config\): rebuild it"):
+        initrd.check_kernel_unpacks(store, "lz4")
+    with store.building(KERNEL, "k2") as out:
+        (out / "config").write_text("CONFIG_RD_LZ4=y\n")
+        store.write_manifest(out, {"key": "k2"})
+    store.publish(KERNEL, "k2")
+    initrd.check_kernel_unpacks(store, "lz4")

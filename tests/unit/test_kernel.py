@@ -365,3 +365,41 @@ def test_plain_progress_is_quiet_about_make_lines(capsys: pytest.CaptureFixture[
     progress.close()
     assert capsys.readouterr().err == (
         "hull: compiling\nhull: last lines of /x/build.log:\n  error: boom\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Hull's kernel patches
+
+
+def test_patches_load_common_then_arch(tmp_path: Path) -> None:
+    for part, name in (("x86_64", "b.patch"), ("x86_64", "a.patch"), ("common", "z.patch"),
+                       ("aarch64", "c.patch")):
+        (tmp_path / part).mkdir(exist_ok=True)
+        (tmp_path / part / name).write_text(f"{part}/{name}\n")
+    names = [p.name for p in kernel.load_patches("x86_64", tmp_path)]
+    assert names == ["patches/common/z.patch", "patches/x86_64/a.patch",
+                     "patches/x86_64/b.patch"]
+    assert kernel.load_patches("riscv64", tmp_path)[0].text == "common/z.patch\n"
+
+
+def test_shipped_lapic_patch_adds_the_parameter_argv_passes() -> None:
+    from hull.hypervisor.qemu import argv
+
+    patches = kernel.load_patches("x86_64")
+    assert [p.name for p in patches] == ["patches/x86_64/lapic-timer-hz.patch"]
+    text = patches[0].text
+    assert text.startswith("--- a/arch/x86/kernel/apic/apic.c\n+++ b/arch/x86/kernel/apic/")
+    assert '+early_param("lapic_timer_hz", parse_lapic_timer_hz);' in text
+    assert argv.QEMU_APIC_TIMER_HZ == 10**9
+    assert kernel.load_patches("aarch64") == []
+
+
+def test_build_key_covers_patches_and_keeps_patchless_keys() -> None:
+    frags = [Fragment("kconfig/common.config", "CONFIG_A=y\n")]
+    plain = kernel.build_key("6.1.192-2", "x86_64", frags)
+    assert kernel.build_key("6.1.192-2", "x86_64", frags, patches=()) == plain
+    one = kernel.build_key("6.1.192-2", "x86_64", frags,
+                           patches=[kernel.Patch("patches/x86_64/p.patch", "+a\n")])
+    other = kernel.build_key("6.1.192-2", "x86_64", frags,
+                             patches=[kernel.Patch("patches/x86_64/p.patch", "+b\n")])
+    assert len({plain, one, other}) == 3

@@ -3,6 +3,7 @@ configure_network schema, the choice of namespace, guest NIC lookup."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -125,6 +126,8 @@ def test_link_request_up_mtu_name() -> None:
     assert a[netlink.IFLA_IFNAME] == b"eth0\0"
     _, body, _ = parse(netlink.link_request(5, 2, mtu=9000))
     assert struct.unpack_from("=BxHiII", body)[3:] == (0, 0)  # flags untouched
+    _, body, _ = parse(netlink.link_request(6, 2, mac="02:42:0a:7b:00:ff"))
+    assert attrs(body[16:])[netlink.IFLA_ADDRESS] == bytes([2, 0x42, 10, 0x7b, 0, 0xff])
 
 
 def test_parse_ack() -> None:
@@ -186,6 +189,21 @@ def test_schema_refuses(path: tuple[Any, ...], value: Any, message: str) -> None
         net.NetworkConfig.from_json(obj)
 
 
+def test_schema_device_mac_of_a_clone() -> None:
+    """A clone's NIC still has the template's MAC: the request names it apart."""
+    obj = good()
+    cfg = net.NetworkConfig.from_json(obj)
+    assert cfg.interfaces[0].device_mac == cfg.interfaces[0].mac
+    assert "device_mac" not in cfg.to_json()["interfaces"][0]
+    obj["interfaces"][0]["device_mac"] = "02:68:75:6C:6C:00"
+    cfg = net.NetworkConfig.from_json(obj)
+    assert cfg.interfaces[0].device_mac == "02:68:75:6c:6c:00"
+    assert net.NetworkConfig.from_json(cfg.to_json()).to_json() == cfg.to_json()
+    obj["interfaces"][0]["device_mac"] = "01:00:5e:00:00:01"
+    with pytest.raises(SchemaError, match="multicast"):
+        net.NetworkConfig.from_json(obj)
+
+
 def test_schema_limits() -> None:
     obj = good()
     obj["routes"] = obj["routes"] * (net.MAX_ROUTES // 2 + 1)
@@ -195,6 +213,71 @@ def test_schema_limits() -> None:
     obj["interfaces"].append(dict(obj["interfaces"][0], name="eth1"))
     with pytest.raises(SchemaError, match="share a name or a mac"):
         net.NetworkConfig.from_json(obj)
+
+
+# ------------------------------------------------------------------------ records
+
+
+def recorded(tmp_path: Path, netns: Path) -> Path:
+    """The record of an attachment of one veth in ``netns`` (any file stands in)."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        att = host.Attachment(str(netns), fd, [host.Endpoint(
+            "eth0", 2, "02:00:00:00:00:01", 1500, -1, "hulltap0", 3, own_qdisc=True)], [])
+        record = tmp_path / host.RECORD_NAME
+        host._save_record(att, record)
+    finally:
+        os.close(fd)
+    return record
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    netns = tmp_path / "ns"
+    netns.touch()
+    path, identity, endpoints = host._load_record(recorded(tmp_path, netns))
+    assert (path, identity) == (str(netns), (netns.stat().st_dev, netns.stat().st_ino))
+    assert [(e.name, e.index, e.tap_name, e.tap_index, e.own_qdisc) for e in endpoints] == [
+        ("eth0", 2, "hulltap0", 3, True)]
+
+
+@pytest.mark.parametrize("later", ["deleted", "replaced"])
+def test_record_of_a_namespace_that_is_gone_is_dropped(tmp_path: Path, later: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted namespace took its veths along; a new one at the same path is not the
+    one recorded: neither is touched, and the record goes."""
+    netns = tmp_path / "ns"
+    netns.touch()
+    record = recorded(tmp_path, netns)
+    if later == "replaced":  # made while the old one exists: surely another inode
+        (tmp_path / "new").touch()
+        (tmp_path / "new").replace(netns)
+    else:
+        netns.unlink()
+
+    def entered(*_: object) -> None:
+        raise AssertionError("entered a namespace the record does not name")
+
+    monkeypatch.setattr(host, "in_netns", entered)
+    host.release_recorded(record)
+    assert not record.exists()
+    host.release_recorded(record)  # nothing recorded: nothing to do
+
+
+def test_mirred_targets_of_a_dumped_filter() -> None:
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg  # type: ignore[import-untyped]
+
+    msg = tcmsg()
+    msg["attrs"] = [("TCA_KIND", "u32"), ("TCA_OPTIONS", {"attrs": [("TCA_U32_ACT", {
+        "attrs": [("TCA_ACT_PRIO_1", {"attrs": [
+            ("TCA_ACT_KIND", "mirred"),
+            ("TCA_ACT_OPTIONS", {"attrs": [("TCA_MIRRED_PARMS", {
+                "index": 1, "capab": 0, "action": 4, "refcnt": 1, "bindcnt": 1,
+                "eaction": 1, "ifindex": 7})]})]})]})]})]
+    msg.encode()
+    dumped = tcmsg(msg.data)
+    dumped.decode()
+    assert host._mirred_targets(dumped) == {7}
+    assert host._mirred_targets(tcmsg()) == set()
 
 
 # ------------------------------------------------------------------------ host choice

@@ -1,4 +1,5 @@
-"""hull check, hull env, logging with the container id, hull logs, hull monitor (no VM)."""
+"""hull check, hull env, logging with the container id, hull logs (no VM; hull monitor:
+test_monitor.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import os
 import subprocess
 import sys
 import tomllib
-import tracemalloc
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from hull.agentapi import schema
 from hull.cli import context
 from hull.cli.env import to_toml
 from hull.config import settings
-from hull.runtime import guestlog, hostcheck, monitor
-from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
+from hull.runtime import guestlog, hostcheck
 
 HULL = [sys.executable, "-m", "hull"]
 
@@ -192,77 +190,6 @@ def test_debug_exec_is_enabled_only_by_the_kernel_command_line(tmp_path: Path) -
 def test_debug_exec_schema(params: dict[str, object], message: str) -> None:
     with pytest.raises(schema.SchemaError, match=message):
         schema.DebugExec.from_json(params)
-
-
-# ---------------------------------------------------------------------- hull monitor
-
-
-def fake_sandboxes(root: Path, count: int) -> None:
-    """Sandboxes whose 'proxy' and 'shim' are this test process (alive, measurable)."""
-    me, started = os.getpid(), start_time(os.getpid()) or 0
-    for i in range(count):
-        cdir = ContainerDir(root, f"sb{i}")
-        cdir.create()
-        cdir.save(ContainerState(id=cdir.id, bundle="/nonexistent", status=Status.RUNNING,
-                                 pid=me, pid_start=started, proxy_pid=me,
-                                 proxy_start=started))
-        (cdir.path / "sandbox.json").write_text(json.dumps(
-            {"proxy_pid": me, "vm_pid": me, "boot_seconds": 1.25}))
-
-
-def test_metrics_endpoint_serves_each_sandbox_overhead(tmp_path: Path) -> None:
-    from prometheus_client import start_http_server
-
-    fake_sandboxes(tmp_path, 2)
-    server, thread = start_http_server(0, "127.0.0.1", monitor.registry(tmp_path))
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            text = response.read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-              for line in text.splitlines() if line and not line.startswith("#")}
-    assert values['hull_sandbox_host_overhead_total_bytes{sandbox="sb0"}'] > 1e6
-    assert values['hull_sandbox_host_overhead_bytes{component="qemu",sandbox="sb1"}'] > 1e6
-    assert values['hull_sandbox_boot_seconds{sandbox="sb0"}'] == 1.25
-    assert values['hull_sandboxes{status="running"}'] == 2
-    # no proxy socket: the agents count as unreachable
-    assert values["hull_sandbox_unreachable"] == 2
-    assert values['hull_sandbox_agent_up{sandbox="sb1"}'] == 0
-    assert values["hull_sandbox_probe_failures_total"] == 2
-
-
-def test_monitor_memory_stays_flat_with_100_sandboxes(tmp_path: Path) -> None:
-    from prometheus_client import generate_latest
-
-    fake_sandboxes(tmp_path, 100)
-    reg = monitor.registry(tmp_path)
-    for _ in range(3):
-        generate_latest(reg)
-    tracemalloc.start()
-    try:
-        generate_latest(reg)
-        before = tracemalloc.take_snapshot()
-        for _ in range(10):
-            generate_latest(reg)
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    # Only what the monitor's code allocates: other tests' leftover threads must not count.
-    mine = [tracemalloc.Filter(True, "*/hull/*"), tracemalloc.Filter(True, "*prometheus_client*")]
-    after, before = after.filter_traces(mine), before.filter_traces(mine)
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    assert grown < 200_000, f"the monitor grew by {grown} bytes over 10 scrapes"
-
-
-def test_listen_address() -> None:
-    assert monitor.parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert monitor.parse_listen(":0") == ("0.0.0.0", 0)
-    with pytest.raises(Exception, match="HOST:PORT"):
-        monitor.parse_listen("9464")
 
 
 # ---------------------------------------------------------------------- progress

@@ -81,7 +81,8 @@ def test_schema_payloads_keep_their_dataclass_api() -> None:
     params = schema.params(create)
     assert params == {"container_id": "c", "spec": {"a": [1, {"b": 2}]},
                       "rootfs": {"tag": "t", "readonly": False, "path": ""},
-                      "stdio": {"stdin": None, "stdout": None, "stderr": None}}
+                      "stdio": {"stdin": None, "stdout": None, "stderr": None},
+                      "hooks": {"state": {}, "create_container": [], "start_container": []}}
     params["spec"]["a"].append(3)  # a copy, as dataclasses.asdict makes
     assert create.spec == {"a": [1, {"b": 2}]}
     assert schema.CreateContainer.from_json(json.loads(json.dumps(params))).container_id == "c"

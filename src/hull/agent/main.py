@@ -1,7 +1,8 @@
 """Entry point of the guest agent: ``/init`` runs ``main()``.
 
 As the guest's PID 1 it does the init duties (mounts, modules, lo), finds the
-virtio-serial port and serves the host until shutdown, then powers the VM off.
+virtio-serial port (or listens on the vsock port the kernel command line names) and
+serves the host until shutdown, then powers the VM off.
 
 Test mode runs the agent on an ordinary host, e.g. under ``unshare --pid --fork
 --mount-proc``, serving one already-open fd (a socketpair end)::
@@ -10,6 +11,8 @@ Test mode runs the agent on an ordinary host, e.g. under ``unshare --pid --fork
         [--cgroup-root DIR]
 
 ``--fd N`` (or ``HULL_AGENT_FD=N``) serves that fd; its EOF ends the agent.
+``--vsock-port N`` instead listens on that AF_VSOCK port, for connections from any CID
+(as PID 1 the port comes from ``hull.vsock_port=N`` and only the host may connect).
 ``--test`` skips the init duties even as PID 1, leaves the clock and RNG alone, makes
 the agent a child subreaper and gives it a private mount namespace, and requires
 ``--share-dir``: a create_container rootfs tag then names the directory
@@ -46,11 +49,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if test and share_dir is None:
         log("--test needs --share-dir")
         return 2
+    vsock_port = _vsock_port(args, is_init)
     from hull.agent.server import Options, Server
 
     options = Options(init=is_init, run_dir=_value(args, "--run-dir") or "/run/hull",
                       share_dir=share_dir, no_pivot=test and "--no-pivot" in args,
-                      cgroup_root=_value(args, "--cgroup-root") if test else "/sys/fs/cgroup")
+                      cgroup_root=_value(args, "--cgroup-root") if test else "/sys/fs/cgroup",
+                      vsock_port=vsock_port)
     try:
         server = Server(options, None if fd_text is None else int(fd_text))
         mark("loaded")
@@ -74,6 +79,26 @@ def _value(args: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg[len(flag) + 1:]
     return None
+
+
+def _vsock_port(args: list[str], is_init: bool) -> int | None:
+    """The vsock port to listen on: ``--vsock-port``, or as PID 1 the kernel's
+    ``hull.vsock_port=`` (a dotted word: the kernel keeps it from init's arguments)."""
+    from hull.agentapi.framing import VSOCK_PORT_PARAM
+
+    text = _value(args, "--vsock-port")
+    if text is None and is_init:
+        try:
+            with open("/proc/cmdline") as f:
+                text = _value(f.read().split(), VSOCK_PORT_PARAM)
+        except OSError as exc:
+            log(f"/proc/cmdline: {exc.strerror}")
+    if text is None:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 0xFFFFFFFF:
+        log(f"vsock port {text!r} is not a port number; using the virtio-serial port")
+        return None
+    return int(text)
 
 
 def _isolate() -> None:

@@ -31,6 +31,7 @@ RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 # <linux/if_link.h>, <linux/if_addr.h>, <linux/rtnetlink.h> attribute types
+IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFA_ADDRESS = 1
@@ -78,13 +79,15 @@ def pack_addr(address: str) -> tuple[int, bytes]:
 
 
 def link_request(seq: int, index: int, *, up: bool | None = None, mtu: int | None = None,
-                 name: str | None = None) -> bytes:
-    """RTM_NEWLINK on an existing link: set it up/down, its MTU, its name."""
+                 name: str | None = None, mac: str | None = None) -> bytes:
+    """RTM_NEWLINK on an existing link: set it up/down, its MTU, its name, its MAC."""
     flags = change = 0
     if up is not None:
         change = IFF_UP
         flags = IFF_UP if up else 0
     body = _IFINFOMSG.pack(0, 0, index, flags, change)
+    if mac is not None:
+        body += attr(IFLA_ADDRESS, bytes(int(part, 16) for part in mac.split(":")))
     if mtu is not None:
         body += attr(IFLA_MTU, struct.pack("=I", mtu))
     if name is not None:

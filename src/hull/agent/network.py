@@ -1,7 +1,9 @@
 """configure_network: give the guest's NICs the network of the client's namespace.
 
 Each guest virtio-net device carries the MAC of the veth it stands for (the host set it
-on the QEMU command line), so interfaces are matched by MAC. Each gets the veth's name,
+on the QEMU command line), so interfaces are matched by MAC; a clone of a VM template
+(hull.runtime.factory) has the template's MACs instead: the request names them
+(``device_mac``) and the device gets the veth's. Each gets the veth's name,
 MTU, IPv4 and IPv6 addresses, then the routes (device routes first, so a gateway is
 reachable when the routes through it are added). It all happens in the guest's own
 network namespace, which the containers of the VM share (see docs/networking.md).
@@ -44,11 +46,12 @@ def configure(config: NetworkConfig, sys_class_net: str = SYS_CLASS_NET) -> list
     """Apply ``config``; returns one line per step done (for the log). Raises OSError
     naming the interface, address or route that failed, or LookupError for a NIC that
     is missing."""
-    links = guest_links(sys_class_net)
-    missing = [i.mac for i in config.interfaces if i.mac not in links]
+    found = guest_links(sys_class_net)
+    missing = [i.device_mac for i in config.interfaces if i.device_mac not in found]
     if missing:
         raise LookupError(f"no guest network device with mac {', '.join(missing)} (guest "
-                          f"devices: {', '.join(sorted(links)) or 'none'})")
+                          f"devices: {', '.join(sorted(found)) or 'none'})")
+    links = {i.mac: found[i.device_mac] for i in config.interfaces}
     done: list[str] = []
     with Netlink() as nl:
         renamed = [i for i in config.interfaces if links[i.mac][1] != i.name]
@@ -60,8 +63,9 @@ def configure(config: NetworkConfig, sys_class_net: str = SYS_CLASS_NET) -> list
         for iface in config.interfaces:
             index = links[iface.mac][0]
             name = iface.name if iface in renamed else None
-            nl.request(link_request(nl.next_seq(), index, mtu=iface.mtu, name=name),
-                       f"{iface.name}: set mtu {iface.mtu}")
+            mac = iface.mac if iface.device_mac != iface.mac else None
+            nl.request(link_request(nl.next_seq(), index, mtu=iface.mtu, name=name, mac=mac),
+                       f"{iface.name}: set mtu {iface.mtu}" + (f", mac {mac}" if mac else ""))
             nl.request(link_request(nl.next_seq(), index, up=True), f"{iface.name}: up")
             done.append(f"{iface.name} ({iface.mac}) mtu {iface.mtu} up")
             for addr in iface.addresses:

@@ -81,8 +81,10 @@ def secure_join(root: str, unsafe: str) -> str:
 # ---------------------------------------------------------------------------- before pivot
 
 
-def prepare(rootfs: str, cspec: ContainerSpec, warn: Warn, *, no_pivot: bool = False) -> None:
-    """Mounts and /dev under rootfs, then make it the root of this mount namespace."""
+def prepare(rootfs: str, cspec: ContainerSpec, warn: Warn, *, no_pivot: bool = False,
+            before_pivot: Callable[[], None] | None = None) -> None:
+    """Mounts and /dev under rootfs, then make it the root of this mount namespace
+    (before_pivot runs in between: the createContainer hooks)."""
     sc.mount(None, "/", None, cspec.rootfs_propagation or sc.MS_REC | sc.MS_PRIVATE)
     sc.mount(rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC)
     own_dev = False
@@ -95,6 +97,8 @@ def prepare(rootfs: str, cspec: ContainerSpec, warn: Warn, *, no_pivot: bool = F
         create_devices(rootfs, cspec.devices)
     elif cspec.devices:
         warn("no /dev mount in the spec: linux.devices were not created")
+    if before_pivot is not None:
+        before_pivot()
     enter(rootfs, no_pivot=no_pivot)
 
 

@@ -15,7 +15,7 @@ import signal
 import hull
 from hull.agent import ctrsetup, debug, init, spawn
 from hull.agent import syscalls as sc
-from hull.agent.channel import Channel
+from hull.agent.channel import VSOCK_HOST_CID, Channel
 from hull.agent.container import Container, State
 from hull.agent.log import log, mark, marks
 from hull.agent.loop import Loop
@@ -37,11 +37,11 @@ EXEC_GRACE = 0.2  # a daemonized grandchild may keep an exec's pipes open
 
 
 class Options:
-    __slots__ = ("cgroup_root", "init", "no_pivot", "run_dir", "share_dir")
+    __slots__ = ("cgroup_root", "init", "no_pivot", "run_dir", "share_dir", "vsock_port")
 
     def __init__(self, *, init: bool = False, run_dir: str = "/run/hull",
                  share_dir: str | None = None, no_pivot: bool = False,
-                 cgroup_root: str | None = None) -> None:
+                 cgroup_root: str | None = None, vsock_port: int | None = None) -> None:
         #: Runs as the guest's PID 1 (power off on shutdown, set the clock, feed the RNG).
         self.init = init
         #: Where container rootfs mounts go: <run_dir>/containers/<id>/rootfs.
@@ -53,6 +53,9 @@ class Options:
         self.no_pivot = no_pivot
         #: cgroup v2 root for container cgroups (/sys/fs/cgroup in the guest); None: none
         self.cgroup_root = cgroup_root
+        #: serve the host on this AF_VSOCK port instead of the virtio-serial port; outside
+        #: init (tests) connections from any CID are accepted, as PID 1 only the host's
+        self.vsock_port = vsock_port
 
 
 class RequestError(Exception):
@@ -65,7 +68,9 @@ class Server:
     def __init__(self, options: Options, channel_fd: int | None = None) -> None:
         self.options = options
         self.loop = Loop()
-        self.channel = Channel(self.loop, self._on_frame, self._on_session_end, channel_fd)
+        self.channel = Channel(self.loop, self._on_frame, self._on_session_end, channel_fd,
+                               options.vsock_port,
+                               VSOCK_HOST_CID if options.init else None)
         self.relay = Relay(self.loop, self.channel)
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Process] = {}
@@ -236,7 +241,7 @@ class Server:
         except OSError as exc:
             raise RequestError(ErrorKind.FAILED, f"container {cid}: {exc.strerror}") from None
         root = os.path.join(self.options.run_dir, "containers", cid, "rootfs")
-        setup = spawn.Setup(cgroup.procs if cgroup else None, join, cspec.seccomp)
+        setup = spawn.Setup(cgroup.procs if cgroup else None, join, cspec.seccomp, req.hooks)
         try:
             self._mount_rootfs(cid, req.rootfs, root)
             try:

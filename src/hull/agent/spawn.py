@@ -29,11 +29,12 @@ import stat
 import struct
 from collections.abc import Callable
 
-from hull.agent import caps, rootfs
+from hull.agent import caps, hooks, rootfs
 from hull.agent import syscalls as sc
 from hull.agent.loop import reset_child_signals
 from hull.agent.seccomp import Filter
 from hull.agent.spec import DEFAULT_PATH, ContainerSpec, IdMap, ProcessSpec
+from hull.agentapi.schema import GuestHooks
 
 TYPE_CHECKING = False  # not typing's: the agent must not import typing (agentapi/records.py)
 if TYPE_CHECKING:
@@ -67,16 +68,18 @@ class Stdio:
 class Setup:
     """What the agent decided for a new process beyond its spec."""
 
-    __slots__ = ("cgroup_procs", "join", "seccomp")
+    __slots__ = ("cgroup_procs", "hooks", "join", "seccomp")
 
     def __init__(self, cgroup_procs: str | None = None, join: dict[str, int] | None = None,
-                 seccomp: Filter | None = None) -> None:
+                 seccomp: Filter | None = None, hooks: GuestHooks | None = None) -> None:
         #: the container cgroup's cgroup.procs: the helper moves itself there first
         self.cgroup_procs = cgroup_procs
         #: spec namespace type -> an fd of the namespace to join (opened by the agent)
         self.join = join or {}
         #: the container's seccomp filter (an exec gets the container's)
         self.seccomp = seccomp
+        #: the init's createContainer and startContainer hooks (hull.agent.hooks)
+        self.hooks = hooks or GuestHooks()
 
 
 class Spawned:
@@ -287,7 +290,10 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
     # runc creates a missing cwd; on a read-only rootfs chdir reports it if it matters.
     with contextlib.suppress(OSError):
         os.makedirs(rootfs.secure_join(root, proc.cwd), 0o755, exist_ok=True)
-    rootfs.prepare(root, cspec, lambda text: _Status.send("W", text), no_pivot=no_pivot)
+    state = {**setup.hooks.state, "pid": os.getpid(), "status": "creating"}
+    rootfs.prepare(root, cspec, lambda text: _Status.send("W", text), no_pivot=no_pivot,
+                   before_pivot=lambda: hooks.run_all(
+                       "createContainer", setup.hooks.create_container, state, root))
     if proc.terminal:
         _open_terminal(console=True)
     rootfs.finish(cspec)
@@ -298,6 +304,8 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
     if not os.read(start_r, 1):
         os._exit(0)  # the agent deleted the container before starting it
     os.close(start_r)
+    hooks.run_all("startContainer", setup.hooks.start_container,
+                  {**state, "status": "created"})
     _execve(path, proc)
 
 

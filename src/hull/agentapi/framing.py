@@ -34,6 +34,11 @@ MAX_DATA_CHUNK = MAX_PAYLOAD
 #: chunks, so the sender never idles while credit makes its round trip.
 INITIAL_WINDOW = 4 * MAX_DATA_CHUNK
 CONTROL_STREAM = 0
+#: Kernel command-line word (``hull.vsock_port=N``) that makes the channel vsock: the
+#: agent listens on that AF_VSOCK port and the host connects to it. Without the word the
+#: channel is the virtio-serial port named "hull.agent".
+VSOCK_PORT_PARAM = "hull.vsock_port"
+VSOCK_PORT = 1024
 _CREDIT = struct.Struct(">I")
 
 

@@ -101,28 +101,36 @@ class Address:
 
 
 class Interface:
-    """One NIC: ``mac`` names the guest device; it gets ``name``, ``mtu`` and addresses."""
+    """One NIC: the guest device whose MAC is ``device_mac`` (by default ``mac``) gets
+    ``name``, ``mac``, ``mtu`` and addresses. The two differ in a clone of a VM template
+    (hull.runtime.factory): its devices still carry the template's MACs."""
 
-    __slots__ = ("addresses", "mac", "mtu", "name")
+    __slots__ = ("addresses", "device_mac", "mac", "mtu", "name")
 
-    def __init__(self, name: str, mac: str, mtu: int, addresses: list[Address]) -> None:
+    def __init__(self, name: str, mac: str, mtu: int, addresses: list[Address],
+                 device_mac: str = "") -> None:
         self.name = check_ifname(name)
         self.mac = check_mac(mac)
+        self.device_mac = check_mac(device_mac) if device_mac else self.mac
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise SchemaError(f"mtu={mtu} of {name} is outside [{MIN_MTU}, {MAX_MTU}]")
         self.mtu = mtu
         self.addresses = addresses
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "mac": self.mac, "mtu": self.mtu,
-                "addresses": [a.to_json() for a in self.addresses]}
+        out = {"name": self.name, "mac": self.mac, "mtu": self.mtu,
+               "addresses": [a.to_json() for a in self.addresses]}
+        if self.device_mac != self.mac:
+            out["device_mac"] = self.device_mac
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> Interface:
         o = _obj(obj, "interface")
         return cls(get_str(o, "name", max_len=15), get_str(o, "mac", max_len=17),
                    get_int(o, "mtu", MIN_MTU, MAX_MTU),
-                   [Address.from_json(a) for a in _list(o, "addresses", MAX_ADDRESSES)])
+                   [Address.from_json(a) for a in _list(o, "addresses", MAX_ADDRESSES)],
+                   get_str(o, "device_mac", max_len=17, optional=True))
 
 
 class Route:
@@ -180,7 +188,9 @@ class NetworkConfig:
     def __init__(self, interfaces: list[Interface], routes: list[Route]) -> None:
         names = [i.name for i in interfaces]
         macs = [i.mac for i in interfaces]
-        if len(set(names)) != len(names) or len(set(macs)) != len(macs):
+        devices = [i.device_mac for i in interfaces]
+        if len(set(names)) != len(names) or len(set(macs)) != len(macs) or (
+                len(set(devices)) != len(devices)):
             raise SchemaError("two interfaces share a name or a mac")
         if "lo" in names:
             raise SchemaError("interface name lo is reserved")

@@ -32,6 +32,7 @@ else:
 PROTOCOL_VERSION = 2  # 2: 1 MiB data chunks, 4 MiB windows (framing)
 MAX_ID_LEN = 1024
 MAX_TEXT = 64 * 1024
+MAX_ARGS = 4096
 MAX_STREAM_ID = 2**31 - 1
 
 
@@ -292,6 +293,75 @@ class RootfsShare:
         return cls(get_str(o, "tag", max_len=31), get_bool(o, "readonly"), path)
 
 
+MAX_HOOKS = 64
+MAX_HOOK_TIMEOUT = 24 * 3600
+
+
+def _strings(o: dict[str, Any], key: str) -> list[str]:
+    value = o.get(key) or []
+    if not isinstance(value, list) or len(value) > MAX_ARGS or not all(
+            isinstance(v, str) and len(v) <= MAX_TEXT for v in value):
+        raise SchemaError(f"{key} must be a list of strings")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One OCI hook (runtime-spec config.md "POSIX-platform Hooks"): ``args`` empty means
+    ``[path]``; ``env`` is the hook's whole environment; ``timeout`` in seconds."""
+
+    path: str
+    args: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    timeout: int | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Hook:
+        o = _obj(obj, "hook")
+        path = get_str(o, "path", max_len=MAX_SHARE_PATH)
+        if not path.startswith("/") or "\0" in path:
+            raise SchemaError(f"hook path {path!r} must be absolute")
+        return cls(path, _strings(o, "args"), _strings(o, "env"),
+                   get_opt_int(o, "timeout", 1, MAX_HOOK_TIMEOUT))
+
+
+@dataclass(frozen=True, slots=True)
+class GuestHooks:
+    """The hooks the agent runs in the container's namespaces, with the container's root
+    as their filesystem view: createContainer before pivot_root, startContainer before
+    the process's execve. A failing hook fails create or start (runtime-spec config.md).
+
+    ``state`` is the OCI state the host knows (id, bundle, annotations ...); the agent
+    sets ``pid`` (the init's, as seen in its own pid namespace, as runc does) and
+    ``status`` before writing it to a hook's stdin.
+    """
+
+    state: dict[str, Any] = field(default_factory=dict)
+    create_container: list[Hook] = field(default_factory=list)
+    start_container: list[Hook] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> GuestHooks:
+        o = _obj(obj, "hooks")
+
+        def hooks(key: str) -> list[Hook]:
+            value = o.get(key) or []
+            if not isinstance(value, list) or len(value) > MAX_HOOKS:
+                raise SchemaError(f"hooks.{key} must be a list of at most {MAX_HOOKS} hooks")
+            return [Hook.from_json(h) for h in value]
+
+        return cls(_obj(o.get("state", {}), "hooks.state"), hooks("create_container"),
+                   hooks("start_container"))
+
+
+def hook_failure(status: int, output: bytes) -> str:
+    """How a failed hook is described, on the host and in the guest alike: the exit status
+    (or the signal) and the last line the hook wrote."""
+    text = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+    lines = output.decode(errors="replace").strip().splitlines()
+    return text + (f": {lines[-1].strip()[:500]}" if lines else "")
+
+
 @dataclass(frozen=True, slots=True)
 class CreateContainer:
     """Create the container and its init process, stopped before exec until start."""
@@ -301,11 +371,13 @@ class CreateContainer:
     spec: dict[str, Any]
     rootfs: RootfsShare
     stdio: Stdio = field(default_factory=Stdio)
+    hooks: GuestHooks = field(default_factory=GuestHooks)
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> CreateContainer:
         return cls(get_str(o, "container_id", max_len=MAX_ID_LEN), _obj(o.get("spec"), "spec"),
-                   RootfsShare.from_json(o.get("rootfs")), Stdio.from_json(o.get("stdio", {})))
+                   RootfsShare.from_json(o.get("rootfs")), Stdio.from_json(o.get("stdio", {})),
+                   GuestHooks.from_json(o.get("hooks", {})))
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +564,6 @@ class SandboxStats:
 
 #: The container id of a debug_exec process in events and routing: the guest itself.
 GUEST = ""
-MAX_ARGS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,20 +580,13 @@ class DebugExec:
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> DebugExec:
-        def strings(key: str) -> list[str]:
-            value = o.get(key, [])
-            if not isinstance(value, list) or len(value) > MAX_ARGS or not all(
-                    isinstance(v, str) and len(v) <= MAX_TEXT for v in value):
-                raise SchemaError(f"{key} must be a list of strings")
-            return value
-
         exec_id = get_str(o, "exec_id", max_len=MAX_ID_LEN)
         if not exec_id:
             raise SchemaError("exec_id must not be empty")
-        args = strings("args")
+        args = _strings(o, "args")
         if not args or not args[0]:
             raise SchemaError("args must name a program")
-        return cls(exec_id, args, strings("env"), Stdio.from_json(o.get("stdio", {})))
+        return cls(exec_id, args, _strings(o, "env"), Stdio.from_json(o.get("stdio", {})))
 
 
 def params(payload: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from hull.errors import HullError
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
 from hull.runtime import proxyd, sharedfs, shim, sizing
-from hull.runtime.lifecycle import shared_dir
+from hull.runtime.lifecycle import oci_state, shared_dir
 from hull.runtime.run import ROOTFS_TAG, rootfs_share
 from hull.runtime.state import ContainerDir
 
@@ -76,7 +76,9 @@ def run_shim(ctx: Context, args: argparse.Namespace) -> int:
         if args.bundle:
             bundle = oci_bundle.load(args.bundle)
             spec = sharedfs.guest_spec(bundle.spec, shared_dir(cdir), cdir.id)
-            payload = {"spec": spec,
+            # The hooks' state: this shim's pid is the container's (runc gives the init's).
+            state = {**oci_state(cdir.load()), "pid": os.getpid()}
+            payload = {"spec": spec, "state": state,
                        "rootfs": {"tag": ROOTFS_TAG, "readonly": bundle.readonly_rootfs}}
             terminal = bundle.terminal
         else:

@@ -18,6 +18,7 @@ from hull.errors import ConfigError
 DEFAULT_PATH = Path("/etc/hull/configuration.toml")
 ENV_VAR = "HULL_CONFIG"
 ACCELERATORS = ("auto", "kvm", "tcg")
+CHANNELS = ("auto", "virtio-serial", "vsock")
 MACHINE_TYPES = ("microvm", "q35", "virt")
 #: The guest architecture (uname -m) of each machine type: "virt" is aarch64's.
 MACHINE_ARCH = {"microvm": "x86_64", "q35": "x86_64", "virt": "aarch64"}
@@ -46,6 +47,9 @@ class HypervisorConfig:
     boot_timeout: float = 30.0
     sandbox: bool = True
     run_as: str = ""
+    #: the agent channel: "auto" (vsock when /dev/vhost-vsock opens, else virtio-serial),
+    #: "virtio-serial" or "vsock" (hull.hypervisor.vsock)
+    channel: str = "auto"
 
     def __post_init__(self) -> None:
         self.resolve_defaults()
@@ -67,6 +71,7 @@ class HypervisorConfig:
         self.resolve_defaults()
         _one_of("hypervisor.accelerator", self.accelerator, ACCELERATORS)
         _one_of("hypervisor.machine_type", self.machine_type, MACHINE_TYPES)
+        _one_of("hypervisor.channel", self.channel, CHANNELS)
         _in_range("hypervisor.default_vcpus", self.default_vcpus, 1, 256)
         _in_range("hypervisor.default_memory_mib", self.default_memory_mib, 64, 1 << 20)
         _in_range("hypervisor.boot_timeout", self.boot_timeout, 1, 3600)
@@ -93,6 +98,10 @@ class RuntimeConfig:
                                   "overridden by annotations")
 
 
+#: factory.pool_size's bound: each pooled clone is an idle VM.
+MAX_POOL = 64
+
+
 @dataclass
 class FactoryConfig:
     """VM templates (hull.runtime.factory): new sandboxes are clones of a booted one."""
@@ -100,16 +109,20 @@ class FactoryConfig:
     enabled: bool = False
     #: Where templates live: their RAM is a file here, so a tmpfs (or hugetlbfs).
     template_dir: str = "/dev/shm/hull-factory"
-    #: Clones restored ahead of demand (not implemented yet: must stay 0).
+    #: Clones of the default-size template restored ahead of demand by a pool daemon
+    #: (hull.runtime.pool); 0: none, every sandbox restores its own clone.
     pool_size: int = 0
     #: Seconds a clone may take to restore before Hull gives up and boots cold.
     restore_timeout: float = 10.0
+    #: A sandbox that finds no usable template for its key (none, stale, corrupt) boots
+    #: cold and has it built in the background (hull.runtime.rebuild).
+    auto_rebuild: bool = True
 
     def check(self) -> None:
         if not os.path.isabs(self.template_dir):
             raise ConfigError("factory.template_dir must be an absolute path, not "
                               f"{self.template_dir!r}")
-        _in_range("factory.pool_size", self.pool_size, 0, 0)
+        _in_range("factory.pool_size", self.pool_size, 0, MAX_POOL)
         _in_range("factory.restore_timeout", self.restore_timeout, 0.1, 600)
 
 

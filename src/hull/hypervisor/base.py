@@ -14,6 +14,13 @@ class Accel(enum.StrEnum):
     TCG = "tcg"
 
 
+class ChannelKind(enum.StrEnum):
+    """The device that carries the agent channel (hull.hypervisor.vsock chooses)."""
+
+    VIRTIO_SERIAL = "virtio-serial"
+    VSOCK = "vsock"
+
+
 class Capability(enum.Flag):
     NONE = 0
     PAUSE = enum.auto()
@@ -33,7 +40,8 @@ class Share:
 
 @dataclass(frozen=True)
 class Nic:
-    """A virtio-net device backed by a tap device Hull opened: QEMU inherits ``tap_fd``."""
+    """A virtio-net device backed by a tap device Hull opened: QEMU inherits ``tap_fd``
+    (-1: no backend, a VM template's spare NIC, see hull.runtime.factory)."""
 
     mac: str
     tap_fd: int
@@ -71,6 +79,8 @@ class VMConfig:
     #: restore device state from this inherited fd (-incoming fd:N) instead of booting;
     #: -1: boot. Template RAM is never part of the stream (x-ignore-shared).
     incoming_fd: int = -1
+    #: the agent channel: a virtio-serial port, or vsock (a vhost-vsock device)
+    channel: ChannelKind = ChannelKind.VIRTIO_SERIAL
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -94,8 +104,9 @@ class Hypervisor(ABC):
     async def resume(self) -> None: ...
 
     @abstractmethod
-    def agent_socket(self) -> socket.socket:
-        """The host end of the agent channel (a connected stream socket)."""
+    async def connect_agent(self, timeout: float) -> socket.socket:
+        """The host end of the agent channel (a connected stream socket). Over vsock it
+        exists once the agent listens: wait for that, at most ``timeout`` seconds."""
 
     @property
     @abstractmethod

@@ -58,7 +58,12 @@ DLOPENED = (("libgcc_s.so.1", "libc.so.6"),)
 # median of 10): gzip -9 5.1 MB 1.10 s; zstd -19 4.2 MB 1.22 s (the kernel's unzstd is slow
 # under TCG, and its 8 MiB window leaves ~6 MB more guest RAM touched); none 12.6 MB 0.94 s
 # but ~8 MB more host memory per VM. gzip is the default: fast, small, within the 6 MB target.
-COMPRESSIONS = ("gzip", "zstd", "none")
+# lz4 (legacy frame, -12): ~6.1 MB, unpacked ~5x faster than gzip (docs/performance.md);
+# needs CONFIG_RD_LZ4 (Hull's kernel has it since the lapic_timer_hz patch).
+COMPRESSIONS = ("gzip", "lz4", "zstd", "none")
+#: The external compressor of each compression gzip's stdlib module does not cover. The
+#: kernel's unlz4 only reads the legacy frame format (-l).
+_COMPRESSORS = {"zstd": ("zstd", "-19", "-q", "-c"), "lz4": ("lz4", "-l", "-12", "-q", "-c")}
 DEFAULT_COMPRESSION = "gzip"
 
 INIT = f"""#!{GUEST_PYTHON} -S
@@ -134,6 +139,22 @@ def image_key(agent: str, packages: Mapping[str, str], arch: str, kernel_key: st
 class KernelModules:
     kernel_key: str | None  # the current kernel's key when its modules go into the image
     files: tuple[Path, ...]  # in load order
+
+
+def check_kernel_unpacks(store: AssetStore, compression: str, arch: str | None = None) -> None:
+    """AssetError when the current kernel cannot unpack an initrd of ``compression``
+    (a kernel without its CONFIG_RD_* panics at boot, far from the cause)."""
+    if compression in ("none", "gzip"):  # every kernel Hull builds or fetches has gzip
+        return
+    kernel = store.current(KERNEL, arch)
+    config = kernel.path / "config" if kernel else None
+    if kernel is None or config is None or not config.is_file():
+        return  # no kernel yet: `hull check` and the runtime report that
+    symbol = f"CONFIG_RD_{compression.upper()}=y"
+    if symbol not in config.read_text().splitlines():
+        raise AssetError(f"the current kernel {kernel.key[:16]} cannot unpack a {compression} "
+                         f"initrd ({symbol} is not in {config}): rebuild it with "
+                         "`hull kernel build`, or use another --compression")
 
 
 def kernel_modules(store: AssetStore, arch: str | None = None) -> KernelModules:
@@ -227,6 +248,7 @@ def build_image(config: Config, *, arch: str | None = None, force: bool = False,
     info = debs.arch_info(arch)
     store = AssetStore(config.asset_dir)
     kmods = kernel_modules(store, arch)
+    check_kernel_unpacks(store, compression, arch)
     agent = agent_hash()
     apt = debs.Apt(arch)
     if with_busybox and arch != debs.host_arch():
@@ -417,16 +439,16 @@ def verify_imports(root: Path, modules: list[str]) -> None:
 
 
 def compress(data: bytes, method: str) -> bytes:
-    """Compress as the kernel's initramfs unpacker expects (CONFIG_RD_ZSTD / CONFIG_RD_GZIP)."""
+    """Compress as the kernel's initramfs unpacker expects (CONFIG_RD_GZIP, _LZ4, _ZSTD)."""
     if method == "none":
         return data
     if method == "gzip":
         return gzip.compress(data, compresslevel=9, mtime=0)
-    zstd = shutil.which("zstd")
-    if zstd is None:
-        raise AssetError("zstd is not installed (apt-get install zstd)")
-    proc = subprocess.run([zstd, "-19", "-q", "-c"], input=data, capture_output=True,
-                          check=False)
+    argv = _COMPRESSORS[method]
+    if shutil.which(argv[0]) is None:
+        raise AssetError(f"{argv[0]} is not installed (apt-get install {argv[0]})")
+    proc = subprocess.run(argv, input=data, capture_output=True, check=False)
     if proc.returncode != 0:
-        raise AssetError(f"zstd -19 failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise AssetError(f"`{' '.join(argv)}` failed: "
+                         f"{proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout

@@ -64,8 +64,12 @@ SOURCE_TARBALL = Path("/usr/src") / f"{SOURCE_PACKAGE}.tar.xz"
 DEFAULT_IMAGE_PACKAGE = "linux-image-amd64"
 KCONFIG_DIR = Path(__file__).with_name("kconfig")
 COMMON_FRAGMENT = "common.config"
+# Hull's own kernel patches (``patch -p1``): patches/common/*.patch for every
+# architecture, then patches/<arch>/*.patch, each in name order.
+PATCH_DIR = Path(__file__).with_name("patches")
 LOG_TAIL_LINES = 30
-BUILD_TOOLS = ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "strip", "tar", "xz")
+BUILD_TOOLS = ("make", "gcc", "ld", "flex", "bison", "bc", "perl", "strip", "tar", "xz",
+               "patch")
 BUILD_PACKAGES = "build-essential flex bison bc libelf-dev xz-utils"
 
 KconfigValues = dict[str, str | None]  # symbol -> value; None means "is not set"
@@ -201,6 +205,20 @@ def load_fragments(arch: str, directory: Path = KCONFIG_DIR) -> list[Fragment]:
     return fragments
 
 
+@dataclass(frozen=True)
+class Patch:
+    """One of Hull's kernel patches, applied to the unpacked linux-source tree."""
+
+    name: str  # e.g. "patches/x86_64/lapic-timer-hz.patch", for messages and the key
+    text: str
+
+
+def load_patches(arch: str, directory: Path = PATCH_DIR) -> list[Patch]:
+    return [Patch(f"patches/{path.parent.name}/{path.name}", path.read_text())
+            for part in ("common", arch)
+            for path in sorted((directory / part).glob("*.patch"))]
+
+
 # ---------------------------------------------------------------------------------------
 # Cache keys
 
@@ -209,16 +227,24 @@ def _sha256_json(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def _digests(files: Sequence[Fragment | Patch]) -> list[list[str]]:
+    return [[f.name, hashlib.sha256(f.text.encode()).hexdigest()] for f in files]
+
+
 def build_key(source_version: str, arch: str, fragments: Sequence[Fragment],
-              recipe: int = BUILD_RECIPE_VERSION) -> str:
-    """Key of a built kernel: source package version, arch, fragment contents, recipe."""
-    return _sha256_json({
+              recipe: int = BUILD_RECIPE_VERSION, patches: Sequence[Patch] = ()) -> str:
+    """Key of a built kernel: source package version, arch, fragment and patch contents,
+    recipe. (Without patches the key is what it was before Hull had any.)"""
+    doc: dict[str, Any] = {
         "flavor": "built",
         "source": f"{SOURCE_PACKAGE}={source_version}",
         "arch": arch,
-        "fragments": [[f.name, hashlib.sha256(f.text.encode()).hexdigest()] for f in fragments],
+        "fragments": _digests(fragments),
         "recipe": recipe,
-    })
+    }
+    if patches:
+        doc["patches"] = _digests(patches)
+    return _sha256_json(doc)
 
 
 def fetch_key(package: str, version: str, arch: str, recipe: int = FETCH_RECIPE_VERSION) -> str:
@@ -728,8 +754,9 @@ def build(asset_dir: Path, *, force: bool = False, keep_build: bool = False,
     arch = canonical_arch(arch)
     info = arch_info(arch)
     fragments = load_fragments(arch)
+    patches = load_patches(arch)
     version = source_version()
-    key = build_key(version, arch, fragments)
+    key = build_key(version, arch, fragments, patches=patches)
     store = AssetStore(asset_dir)
     if not force and (cached := _up_to_date(store, key, arch)) is not None:
         return cached
@@ -741,8 +768,8 @@ def build(asset_dir: Path, *, force: bool = False, keep_build: bool = False,
             shutil.rmtree(build_dir, ignore_errors=True)
         progress = progress or make_progress()
         try:
-            asset = _build_in(store, key, version, info, arch, fragments, build_dir,
-                              jobs or len(os.sched_getaffinity(0)), progress)
+            asset = _build_in(store, key, version, info, arch, (fragments, patches),
+                              build_dir, jobs or len(os.sched_getaffinity(0)), progress)
         except BaseException:
             progress.close(ok=False)
             raise
@@ -765,13 +792,14 @@ def _build_env(info: Arch) -> dict[str, str]:
 
 
 def _build_in(store: AssetStore, key: str, version: str, info: Arch, arch: str,
-              fragments: Sequence[Fragment], build_dir: Path, jobs: int,
+              inputs: tuple[Sequence[Fragment], Sequence[Patch]], build_dir: Path, jobs: int,
               progress: Progress) -> Asset:
+    fragments, patches = inputs
     build_dir.mkdir(parents=True, exist_ok=True)
     logbook = BuildLog(build_dir / "build.log", progress, _build_env(info))
     logbook.note(f"hull kernel build {key}: {SOURCE_PACKAGE} {version}, {arch}, -j{jobs}")
     try:
-        tree = _extract_source(build_dir, logbook, progress)
+        tree = _extract_source(build_dir, patches, logbook, progress)
         progress.phase("configuring (tinyconfig + kconfig fragments)")
         _configure(tree, fragments, logbook)
         progress.phase(f"compiling {' and '.join(info.targets)} (make -j{jobs})")
@@ -794,7 +822,7 @@ def _build_in(store: AssetStore, key: str, version: str, info: Arch, arch: str,
                 "boot_file": info.boot_file,
                 "vmlinux_size": (out / info.boot_file).stat().st_size,
                 "compressed_size": (tree / info.image).stat().st_size,
-                "modules": [],
+                "modules": [], "patches": [p.name for p in patches],
             })
             logbook.close()
             shutil.copyfile(logbook.path, out / "build.log")
@@ -807,8 +835,10 @@ def _build_in(store: AssetStore, key: str, version: str, info: Arch, arch: str,
     return asset
 
 
-def _extract_source(build_dir: Path, logbook: BuildLog, progress: Progress) -> Path:
-    """Unpack the source once per build dir; a stamp marks a complete extraction."""
+def _extract_source(build_dir: Path, patches: Sequence[Patch], logbook: BuildLog,
+                    progress: Progress) -> Path:
+    """Unpack the source and apply Hull's patches once per build dir (whose name is the
+    key, which covers the patches); a stamp marks a complete, patched tree."""
     stamp = build_dir / ".extracted"
     tree = build_dir / SOURCE_PACKAGE
     if stamp.exists() and tree.is_dir():
@@ -819,6 +849,18 @@ def _extract_source(build_dir: Path, logbook: BuildLog, progress: Progress) -> P
     logbook.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(build_dir)], build_dir)
     if not (tree / "Makefile").is_file():
         raise AssetError(f"{SOURCE_TARBALL} did not unpack to {tree}")
+    for patch in patches:
+        progress.phase(f"applying {patch.name}")
+        logbook.note(f"applying {patch.name}")
+        patch_file = build_dir / "patch.diff"
+        patch_file.write_text(patch.text)
+        try:
+            # --forward --batch: a patch that is already applied or does not fit fails
+            # instead of asking questions (stdin is /dev/null anyway).
+            logbook.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch_file)], tree)
+        except AssetError as exc:
+            raise AssetError(f"kernel patch {patch.name} does not apply to {SOURCE_PACKAGE}: "
+                             f"{exc}") from exc
     stamp.touch()
     return tree
 

@@ -9,6 +9,11 @@ and the agent gives it the veth's name, MTU, addresses and routes. The veth itse
 left as it was: on detach the filters (and the ingress qdisc, when Hull added it) go,
 and the tap vanishes with its last fd.
 
+The owner of a sandbox (the proxy daemon, `hull run`, the containerd shim) records what
+it attached in its state directory (``network.json``). Its filters outlive it when it
+is SIGKILLed; the cleanup that follows (``hull delete --force``, the shim's ``delete``)
+restores the veths from that record (release_recorded).
+
 Everything that touches the namespace runs in a short-lived thread that entered it with
 setns(2) (network namespaces are per thread), so the caller's own namespace never
 changes. Netlink through pyroute2.
@@ -20,6 +25,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -27,6 +33,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hull.agentapi import network as netschema
@@ -64,6 +71,8 @@ SKIPPED_KINDS = frozenset({"tun", "bridge", "openvswitch", "vxlan", "geneve", "g
 RTPROT_KERNEL = 2
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
+#: File name of an attachment's record in its owner's state directory.
+RECORD_NAME = "network.json"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -201,15 +210,20 @@ class Attachment:
     netns_fd: int
     endpoints: list[Endpoint]
     routes: list[netschema.Route]
+    #: where the attachment is recorded for release_recorded (None: nowhere)
+    record: Path | None = None
 
     @property
     def tap_fds(self) -> tuple[int, ...]:
         return tuple(e.tap_fd for e in self.endpoints)
 
-    def config(self) -> netschema.NetworkConfig:
-        """The configure_network request for the agent."""
+    def config(self, device_macs: tuple[str, ...] = ()) -> netschema.NetworkConfig:
+        """The configure_network request for the agent; ``device_macs``: the MACs the
+        guest's NICs have now, in order, when not the veths' (a VM template's clone)."""
+        devices = device_macs or tuple(e.mac for e in self.endpoints)
         return netschema.NetworkConfig(
-            [netschema.Interface(e.name, e.mac, e.mtu, e.addresses) for e in self.endpoints],
+            [netschema.Interface(e.name, e.mac, e.mtu, e.addresses, device_mac)
+             for e, device_mac in zip(self.endpoints, devices, strict=True)],
             self.routes)
 
 
@@ -346,15 +360,20 @@ def _detach_here(ipr: IPRoute, att: Attachment) -> list[str]:
     return problems
 
 
-def attach(netns: str) -> Attachment:
-    """Create the taps and filters in ``netns`` (a path); QEMU then runs there too."""
+def _is_host(fd: int) -> bool:
+    return any(same_namespace(f"/proc/self/fd/{fd}", ns) for ns in ("/proc/self/ns/net",
+                                                                   HOST_NETNS))
+
+
+def attach(netns: str, record: Path | None = None) -> Attachment:
+    """Create the taps and filters in ``netns`` (a path); QEMU then runs there too.
+    With ``record``, what was attached is written there (for release_recorded)."""
     try:
         fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise NetworkError(f"network namespace {netns}: {exc.strerror}") from exc
     # Never the host's interfaces, whatever path led here (choose() refused them already).
-    if any(same_namespace(f"/proc/self/fd/{fd}", ns) for ns in ("/proc/self/ns/net",
-                                                                 HOST_NETNS)):
+    if _is_host(fd):
         os.close(fd)
         raise NetworkError(f"network namespace {netns} is the host's: refusing to connect "
                            "its interfaces to a vm")
@@ -367,6 +386,14 @@ def attach(netns: str) -> Attachment:
             raise NetworkError(f"network namespace {netns}: cannot connect it to the vm: "
                                f"{exc}") from exc
         raise
+    if record is not None and att.endpoints:
+        try:
+            _save_record(att, record)
+        except OSError as exc:
+            detach(att)
+            raise NetworkError(f"network namespace {netns}: cannot record its taps in "
+                               f"{record}: {exc.strerror}") from exc
+        att.record = record
     for ep in att.endpoints:
         log.debug("netns %s: %s (%s, mtu %d) <-> %s", netns, ep.name, ep.mac, ep.mtu,
                   ep.tap_name)
@@ -394,3 +421,124 @@ def detach(att: Attachment) -> None:
     finally:
         os.close(att.netns_fd)
         att.netns_fd = -1
+        if att.record is not None:
+            att.record.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------- after a SIGKILL
+
+
+def _save_record(att: Attachment, path: Path) -> None:
+    """Write what release_recorded needs: the namespace (path and identity), and per
+    veth its tap and whether Hull added the ingress qdisc."""
+    ns = os.fstat(att.netns_fd)
+    data = {"netns": att.netns, "dev": ns.st_dev, "ino": ns.st_ino,
+            "endpoints": [{"name": e.name, "index": e.index, "tap_name": e.tap_name,
+                           "tap_index": e.tap_index, "own_qdisc": e.own_qdisc}
+                          for e in att.endpoints]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _load_record(path: Path) -> tuple[str, tuple[int, int], list[Endpoint]]:
+    data = json.loads(path.read_text())
+    endpoints = [Endpoint(str(e["name"]), int(e["index"]), "", 0, -1, str(e["tap_name"]),
+                          int(e["tap_index"]), own_qdisc=bool(e["own_qdisc"]))
+                 for e in data["endpoints"]]
+    return str(data["netns"]), (int(data["dev"]), int(data["ino"])), endpoints
+
+
+def _link_name(ipr: IPRoute, index: int) -> str | None:
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    if index <= 0:  # get_links(0) would list them all
+        return None
+    try:
+        links = ipr.get_links(index)
+    except NetlinkError:
+        return None
+    name: str | None = links[0].get_attr("IFLA_IFNAME") if links else None
+    return name
+
+
+def _mirred_targets(flt: Any) -> set[int]:
+    """The interfaces a u32 filter's mirred actions redirect to (0: one that was
+    deleted: the kernel forgets the target then)."""
+    options = flt.get_attr("TCA_OPTIONS")
+    actions = options.get_attr("TCA_U32_ACT") if options is not None else None
+    targets = set()
+    for _, action in actions["attrs"] if actions is not None else []:
+        params = action.get_attr("TCA_ACT_OPTIONS")
+        mirred = params.get_attr("TCA_MIRRED_PARMS") if params is not None else None
+        if mirred is not None:
+            targets.add(mirred["ifindex"])
+    return targets
+
+
+def _release_here(ipr: IPRoute, endpoints: list[Endpoint]) -> list[str]:
+    problems: list[str] = []
+    for ep in endpoints:
+        # A tap outlives its sandbox's owner while QEMU (its other holder) is dying.
+        if ep.tap_index and ipr.link_lookup(ifname=ep.tap_name) == [ep.tap_index]:
+            ipr.link("del", index=ep.tap_index)
+        if _link_name(ipr, ep.index) != ep.name:
+            problems.append(f"{ep.name} is gone")
+            continue
+        filters = ipr.get_filters(index=ep.index, parent=TC_H_INGRESS)
+        ours = [f for f in filters if f["info"] >> 16 == FILTER_PRIO]
+        targets = set().union(*(_mirred_targets(f) for f in ours))
+        live = sorted(t for t in targets if _link_name(ipr, t) is not None)
+        if live:  # a sandbox started since in this namespace took the veth over
+            problems.append(f"{ep.name}: hull filters to running interfaces {live} kept")
+            continue
+        others = any(f["info"] >> 16 != FILTER_PRIO for f in filters)
+        if ep.own_qdisc and not others and _has_ingress(ipr, ep.index):
+            ipr.tc("del", "ingress", ep.index, TC_H_INGRESS)
+        elif ours:
+            _del_filters(ipr, ep.index)
+    return problems
+
+
+def release_recorded(record: Path) -> None:
+    """Restore the veths a sandbox whose owner died (SIGKILL) left redirected: from the
+    record attach() wrote, delete its tap if QEMU still holds it, then its filters from
+    each veth (or the ingress qdisc, when Hull added it and nothing else uses it).
+    Nothing recorded (the owner cleaned up), or the namespace gone (its veths went with
+    it): nothing to do. Failures are logged: the caller is a cleanup that must finish.
+    """
+    try:
+        netns, identity, endpoints = _load_record(record)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("network record %s is unreadable, not used: %s", record, exc)
+        record.unlink(missing_ok=True)
+        return
+    try:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("network namespace %s of %s: %s", netns, record, exc.strerror)
+        record.unlink(missing_ok=True)
+        return
+    try:
+        ns = os.fstat(fd)
+        if (ns.st_dev, ns.st_ino) != identity or _is_host(fd):
+            log.debug("network namespace %s is no longer the one %s names", netns, record)
+        else:
+            def work() -> list[str]:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    return _release_here(ipr, endpoints)
+
+            for problem in in_netns(fd, work):
+                log.info("network namespace %s: %s", netns, problem)
+            log.info("network namespace %s: removed the taps and filters of a sandbox "
+                     "whose owner died (%s)", netns, record)
+    except Exception as exc:
+        log.warning("network namespace %s: cleanup after a dead sandbox (%s) failed: %s",
+                    netns, record, exc)
+    finally:
+        os.close(fd)
+    record.unlink(missing_ok=True)

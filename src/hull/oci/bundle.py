@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hull.agentapi import schema
 from hull.errors import BundleError
 
 SUPPORTED_MAJOR = 1
@@ -112,9 +113,11 @@ def check_hooks(hooks: Any, where: Path | str) -> None:
         if not isinstance(entries, list):
             raise BundleError(f"{where}: hooks.{kind} must be a list")
         for i, hook in enumerate(entries):
-            if not isinstance(hook, dict) or not isinstance(hook.get("path"), str) or not (
-                    hook["path"].startswith("/")):
-                raise BundleError(f"{where}: hooks.{kind}[{i}].path must be absolute")
+            # The agent's own check: createContainer/startContainer hooks go to the guest.
+            try:
+                schema.Hook.from_json(hook)
+            except schema.SchemaError as exc:
+                raise BundleError(f"{where}: hooks.{kind}[{i}]: {exc}") from None
 
 
 def check_process(process: dict[str, Any], where: str) -> None:

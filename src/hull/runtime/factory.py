@@ -19,6 +19,20 @@ set of 9p devices (TEMPLATE_TAGS), exported from an empty directory. The fsdev p
 not part of the migration stream, so a clone's command line points each device at the
 clone's own directory (or the empty one when it has no share of that tag).
 
+Network: nor can NICs be hot-plugged (the guest only sees the virtio-mmio devices the
+firmware tables listed at its boot), so every template has TEMPLATE_NICS virtio-net
+devices without a backend. A clone gives the first ones the taps of its network
+namespace on its command line (the backend is not part of the device state); the guest
+devices still have the template's MACs (template_mac), and configure_network gives them
+the veths' (agentapi.network.Interface.device_mac). Unused devices stay down.
+
+Sizes: the template key holds vCPUs and memory, so a sandbox sized from its limits or
+its pod's annotations needs a template of its size. With the factory enabled, memory is
+rounded up to a size class (memory_class: the next power of two),
+so a few templates serve every size; each is built in the background the first time a
+sandbox of its size misses it (hull.runtime.rebuild). A larger guest costs little more:
+the pages it never touches are never allocated, the rest are the template's, shared.
+
 Files (one directory per key, ``<template_dir>/<key id>/``): ``manifest.json``,
 ``state`` (device state), ``ram`` (guest RAM), ``empty/``, ``console.log``. A rebuild
 writes a new directory and renames it into place: the RAM file clones map is never
@@ -27,6 +41,7 @@ written again, only unlinked (a clone's private mapping keeps the old pages aliv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,12 +55,17 @@ from typing import Any
 
 from hull.config.settings import Config
 from hull.errors import HullError
-from hull.hypervisor.base import Share, VMConfig
-from hull.runtime.sharedfs import SHARE_TAG
+from hull.hypervisor.base import Nic, Share, VMConfig
+from hull.hypervisor.qemu.machine import QemuVM, resolve_binary
+from hull.runtime.sharedfs import SHARE_TAG, mounts_under
 
 log = logging.getLogger("hull.factory")
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
+#: Virtio-net devices every template has (clones with more NICs boot cold).
+TEMPLATE_NICS = 1
+#: The spare NICs' host_mtu: the guest's maximum MTU (configure_network sets the veth's).
+TEMPLATE_MTU = 65535
 #: The 9p devices every template has, in order: the rootfs of `hull run`/`create`
 #: (hull.runtime.run.ROOTFS_TAG) and the shared directory of bind mounts and pods.
 TEMPLATE_TAGS = ("hullroot", SHARE_TAG)
@@ -77,7 +97,28 @@ def template_key(vm: VMConfig, qemu: str) -> dict[str, Any]:
         "qemu": _stat_key(qemu), "machine_type": vm.machine_type, "accel": str(vm.accel),
         "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
         "kernel_params": list(vm.kernel_params), "tags": list(TEMPLATE_TAGS),
+        "nics": TEMPLATE_NICS, "channel": str(vm.channel),
     }
+
+
+#: Key fields that do not depend on the size: templates that differ in one of them were
+#: made for other assets or another machine and are pruned when a template is built.
+SIZE_FIELDS = ("vcpus", "memory_mib")
+
+
+def memory_class(memory_mib: int) -> int:
+    """The size class of ``memory_mib``: the next power of two (256 MiB stays 256, a pod
+    of 256 + 128 MiB gets 512)."""
+    return 1 << max(memory_mib - 1, 1).bit_length()
+
+
+def template_mac(index: int) -> str:
+    """The MAC of a template's NIC ``index`` (locally administered, "hull")."""
+    return f"02:68:75:6c:6c:{index:02x}"
+
+
+def spare_nics() -> tuple[Nic, ...]:
+    return tuple(Nic(template_mac(i), -1, TEMPLATE_MTU) for i in range(TEMPLATE_NICS))
 
 
 def key_id(key: dict[str, Any]) -> str:
@@ -159,32 +200,43 @@ def find(config: Config, vm: VMConfig) -> Template:
     return template
 
 
-def vm_binary(config: Config) -> str:
-    from hull.hypervisor.qemu.machine import resolve_binary
+def current_key(config: Config) -> dict[str, Any]:
+    """The key of the template a sandbox of ``config``'s default size needs."""
+    from hull.runtime.sandbox import Sandbox
 
+    vm = Sandbox(config, "template", Path(os.devnull)).vm_config()
+    return template_key(vm, vm_binary(config))
+
+
+def vm_binary(config: Config) -> str:
     return resolve_binary(config.hypervisor.path)
 
 
 def clone_config(vm: VMConfig, template: Template, state_fd: int) -> VMConfig:
     """``vm`` as a clone of ``template``: the template's devices, each 9p device exported
-    from this sandbox's directory of the same tag. Unusable when ``vm`` needs devices the
-    template lacks (network interfaces, a share of another tag)."""
-    if vm.nics:
-        raise Unusable("the sandbox has network interfaces (templates have none)")
+    from this sandbox's directory of the same tag, the first NICs backed by the sandbox's
+    taps. Unusable when ``vm`` needs devices the template lacks (more NICs, a share of
+    another tag)."""
+    if len(vm.nics) > TEMPLATE_NICS:
+        raise Unusable(f"the sandbox has {len(vm.nics)} network interfaces (templates "
+                       f"have {TEMPLATE_NICS})")
+    nics = tuple(dataclasses.replace(spare, tap_fd=nic.tap_fd)
+                 for spare, nic in zip(spare_nics(), vm.nics, strict=False))
     by_tag = {share.tag: share for share in vm.shares}
     if len(by_tag) != len(vm.shares) or set(by_tag) - set(TEMPLATE_TAGS):
         raise Unusable(f"the sandbox's shares {sorted(by_tag)} are not the template's")
     shares = tuple(by_tag.get(tag, Share(tag, template.empty, readonly=True))
                    for tag in TEMPLATE_TAGS)
     return dataclasses.replace(vm, shares=shares, memory_file=template.ram,
-                               memory_shared=False, incoming_fd=state_fd)
+                               memory_shared=False, incoming_fd=state_fd,
+                               nics=(*nics, *spare_nics()[len(nics):]))
 
 
 def template_config(vm: VMConfig, path: Path) -> VMConfig:
     empty = path / "empty"
     return dataclasses.replace(
         vm, shares=tuple(Share(tag, empty, readonly=True) for tag in TEMPLATE_TAGS),
-        memory_file=path / "ram", memory_shared=True, incoming_fd=-1, nics=(),
+        memory_file=path / "ram", memory_shared=True, incoming_fd=-1, nics=spare_nics(),
         netns_fd=-1, console_log=path / "console.log")
 
 
@@ -206,7 +258,7 @@ async def build(config: Config) -> Template:
         started = time.monotonic()
         async with sandbox:
             booted = time.monotonic() - started
-            assert sandbox.vm is not None
+            assert isinstance(sandbox.vm, QemuVM)
             fd = os.open(work / "state", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          0o600)
             try:
@@ -231,7 +283,27 @@ async def build(config: Config) -> Template:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    for stale in prune(config, key):
+        log.info("removed vm template %s: made for other assets or another machine", stale)
     return Template(final, manifest)
+
+
+def prune(config: Config, key: dict[str, Any]) -> list[Path]:
+    """Remove the templates that differ from ``key`` in more than their size (another
+    kernel, image, QEMU, machine type ...: never usable again) and the unreadable ones.
+    Running clones are not disturbed. Returns what was removed."""
+    removed = []
+    same = {k: v for k, v in key.items() if k not in SIZE_FIELDS}
+    for path, template, _ in templates(config):
+        other = template.manifest.get("key") if template else None
+        if isinstance(other, dict) and {
+                k: v for k, v in other.items() if k not in SIZE_FIELDS} == same:
+            continue
+        if path.name == key_id(key):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _replace(new: Path, final: Path) -> None:
@@ -271,8 +343,14 @@ def destroy(config: Config) -> int:
     count = 0
     for path in base.iterdir():
         if path.is_dir() and not path.is_symlink():
+            if mounts_under(path):
+                # a pooled clone's share, bound by a sandbox that still runs
+                log.warning("%s has mounts (a leased pooled clone): left in place", path)
+                continue
             shutil.rmtree(path, ignore_errors=True)
             count += not path.name.startswith(".")
         else:
             path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        base.rmdir()
     return count

@@ -18,8 +18,8 @@ from typing import Any
 
 from hull.config.settings import Config
 from hull.errors import HullError
-from hull.hypervisor import accel
-from hull.hypervisor.base import Accel
+from hull.hypervisor import accel, vsock
+from hull.hypervisor.base import Accel, ChannelKind
 from hull.image import store
 
 #: QEMU older than this lacks what Hull's command line uses (microvm with PVH, -sandbox).
@@ -126,6 +126,20 @@ def check_accel(config: Config, binary: str, state_root: Path | None) -> Finding
         return Finding("accelerator", True, f"kvm ({decision.reason})")
     return Finding("accelerator", True,
                    f"tcg: software emulation, slower ({decision.reason})")
+
+
+def check_channel(config: Config) -> Finding:
+    """The agent channel hypervisor.channel gives on this host (hull.hypervisor.vsock)."""
+    try:
+        kind = vsock.choose(config.hypervisor.channel)
+    except HullError as exc:
+        return Finding("agent channel", False, str(exc),
+                       "modprobe vhost_vsock, or set hypervisor.channel = \"auto\"")
+    if kind is ChannelKind.VSOCK:
+        return Finding("agent channel", True, f"vsock ({vsock.VHOST_VSOCK} works)")
+    why = (vsock.vhost_vsock_problem() if config.hypervisor.channel == "auto"
+           else "hypervisor.channel")
+    return Finding("agent channel", True, f"virtio-serial ({why})")
 
 
 def check_kernel(config: Config) -> Finding:
@@ -246,7 +260,8 @@ def run_checks(config: Config, state_root: Path | None = None) -> list[Finding]:
     if binary:
         findings += [check_qemu_features(config, binary),
                      check_accel(config, binary, state_root), check_9p(binary)]
-    findings += [check_kernel(config), check_image(config), check_tun(), check_cgroups(),
+    findings += [check_channel(config), check_kernel(config), check_image(config),
+                 check_tun(), check_cgroups(),
                  check_containerd(), check_podman()]
     return findings
 

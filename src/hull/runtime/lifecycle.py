@@ -26,6 +26,7 @@ from typing import Any
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import ContainerNotFound, HullError, InvalidState
+from hull.network import host as netns
 from hull.oci.bundle import Bundle
 from hull.runtime import client, hooks, sharedfs
 from hull.runtime.state import ContainerDir, ContainerState, Status, alive, start_time
@@ -77,8 +78,7 @@ class Runtime:
                 state.status = Status.CREATED
                 cdir.save(state)
                 crash_point("create:created")
-                for kind in ("prestart", "createRuntime", "createContainer"):
-                    hooks.run(bundle.spec, kind, oci_state(state))
+                # The shim ran prestart and createRuntime, the agent createContainer.
                 if pid_file:
                     write_pid_file(pid_file, state.pid)
                 created = True
@@ -161,11 +161,13 @@ class Runtime:
             state = refresh(cdir, cdir.load())
             if not state.can_start():
                 raise InvalidState(start_error(state))
-            client.call(cdir, schema.Method.START_CONTAINER, schema.ContainerRef(container_id))
+            spec = load_spec(state)
+            # The agent runs the startContainer hooks before the process's execve.
+            wait = hooks.guest_wait(hooks.guest_hooks(spec, {}).start_container)
+            client.call(cdir, schema.Method.START_CONTAINER, schema.ContainerRef(container_id),
+                        timeout=client.TIMEOUT + wait)
             state.status = Status.RUNNING
             cdir.save(state)
-            spec = load_spec(state)
-        hooks.run(spec, "startContainer", oci_state(state))
         hooks.run(spec, "poststart", oci_state(state))
 
     def kill(self, container_id: str, signum: int, all_processes: bool) -> None:
@@ -242,6 +244,9 @@ class Runtime:
             for pid, started in [(state.pid, state.pid_start), *exec_shims(cdir)]:
                 if alive(pid, started):
                     kill_pid(pid, started)
+        # The sandbox's owner is gone now; if it was killed, its filters are still on
+        # the client's veths (an owner that stopped cleanly removed them and the record).
+        netns.release_recorded(network_record(cdir))
 
     @contextlib.contextmanager
     def locked(self, cdir: ContainerDir) -> Iterator[None]:
@@ -269,6 +274,12 @@ def shared_dir(cdir: ContainerDir) -> Path:
     """Where a CLI container's bind sources are staged for its VM (hull.runtime.sharedfs);
     ContainerDir.remove unmounts whatever is left there."""
     return cdir.path / "shared"
+
+
+def network_record(cdir: ContainerDir) -> Path:
+    """Where a CLI container's sandbox records its taps and filters, for the teardown
+    after its owner (proxy, foreground `hull run`) was killed (hull.network.host)."""
+    return cdir.path / netns.RECORD_NAME
 
 
 def check_terminal(terminal: bool, console_socket: str | None) -> None:

@@ -21,33 +21,39 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HullError
-from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.runtime.state import ContainerDir
 
-if TYPE_CHECKING:
-    from hull.runtime.sandbox import Sandbox
+if TYPE_CHECKING:  # the VM side's modules: not for the clients that import connect()
+    from hull.hypervisor.base import Share
 
 log = logging.getLogger("hull.proxyd")
 SOCKET_NAME = "proxy.sock"
 
 
-def short_path(path: Path) -> str:
-    """A name for ``path`` short enough for sun_path (108 bytes), via /proc/self/fd.
+@contextlib.contextmanager
+def short_path(path: Path) -> Iterator[str]:
+    """A name for ``path`` short enough for sun_path (108 bytes), valid in the block.
 
-    Container ids from containerd are 64 characters and --root paths can be long; the
-    directory is opened once and the socket reached through the fd's /proc link.
+    Container ids from containerd are 64 characters and --root paths can be long: then
+    the directory is opened and the socket reached through the fd's /proc link, closed
+    after the bind or connect (`hull monitor` connects at every scrape).
     """
     if len(str(path)) < 100:
-        return str(path)
+        yield str(path)
+        return
     fd = os.open(path.parent, os.O_PATH | os.O_CLOEXEC)
-    return f"/proc/self/fd/{fd}/{path.name}"
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
@@ -67,10 +73,11 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
                 network: netns.Choice | None = None) -> int:
     # Imported here: CLI commands import this module for connect(), and need neither.
     from hull.proxy.router import Router
+    from hull.runtime import sandboxinfo
     from hull.runtime.sandbox import Sandbox
 
     sandbox = Sandbox(config, cdir.id, cdir.console_log, shares, state_root=root,
-                      network=network)
+                      network=network, network_record=cdir.path / netns.RECORD_NAME)
     stop = asyncio.Event()
 
     def violation(why: str) -> None:
@@ -95,16 +102,17 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
     server: asyncio.base_events.Server | None = None
     try:
         await sandbox.boot()
-        await router.attach(sandbox.vm_socket())
+        await router.attach(await sandbox.agent_connection())
         router.hello_reply = schema.params(await sandbox.handshake(router.call))
-        record_sandbox(cdir, sandbox)
+        sandboxinfo.record(cdir.path, sandbox)  # for `hull monitor`
 
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await router.serve_client(reader, writer, "client")
 
         sock_path = cdir.path / SOCKET_NAME
         sock_path.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(client, short_path(sock_path))
+        with short_path(sock_path) as name:
+            server = await asyncio.start_unix_server(client, name)
         os.chmod(sock_path, 0o600)
         if not report(ready_fd, "ok"):
             return 1  # `hull create` died waiting for us: nobody will ever use this VM
@@ -139,19 +147,6 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         (cdir.path / SOCKET_NAME).unlink(missing_ok=True)
 
 
-#: Facts about the running sandbox for `hull monitor` and `hull logs` (written once).
-SANDBOX_FILE = "sandbox.json"
-
-
-def record_sandbox(cdir: ContainerDir, sandbox: Sandbox) -> None:
-    info = {"proxy_pid": os.getpid(), "vm_pid": sandbox.vm.pid if sandbox.vm else 0,
-            "boot_seconds": round(sandbox.boot_seconds, 6), "booted_at": time.time()}
-    tmp = cdir.path / f".{SANDBOX_FILE}.tmp"
-    with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(info))
-        tmp.replace(cdir.path / SANDBOX_FILE)
-
-
 def report(fd: int, message: str) -> bool:
     """Tell the waiting `hull` command how we did; False if it is gone (EPIPE)."""
     try:
@@ -173,11 +168,16 @@ async def _watch_dir(cdir: ContainerDir, every: float = 1.0) -> None:
 
 def connect(cdir: ContainerDir) -> socket.socket:
     """A connected socket to the proxy of ``cdir``'s sandbox."""
+    return connect_unix(cdir.path / SOCKET_NAME, f"container {cdir.id}: its proxy")
+
+
+def connect_unix(path: Path, who: str) -> socket.socket:
+    """A connected socket to ``path``, where ``who`` (named in the error) serves."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(short_path(cdir.path / SOCKET_NAME))
+        with short_path(path) as name:
+            sock.connect(name)
     except OSError as exc:
         sock.close()
-        raise HullError(f"container {cdir.id}: its proxy does not answer ({exc.strerror})"
-                        ) from exc
+        raise HullError(f"{who} does not answer ({exc.strerror})") from exc
     return sock

@@ -26,13 +26,15 @@ from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci.bundle import Bundle
 from hull.runtime import hooks, sharedfs, sizing
-from hull.runtime.lifecycle import oci_state, shared_dir
+from hull.runtime.lifecycle import network_record, oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
 from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
 from hull.runtime.stdio import HostStdio, ProcessIO
 
 log = logging.getLogger("hull.run")
 ROOTFS_TAG = "hullroot"
+#: How long create_container and start_container may take, besides the guest's hooks.
+CALL_TIMEOUT = 30.0
 #: Signals `hull run` passes on to the container process (as runc's signal forwarding).
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP,
@@ -103,28 +105,35 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
     spec = sharedfs.stage(bundle.spec, bundle.path, staging, cid)
     timeline.mark("setup")
     shares = (rootfs_share(bundle), *sharedfs.shares(staging))
-    async with Sandbox(config, cid, cdir.console_log, shares,
-                       state_root=root, network=netns.choose(bundle.spec)) as sandbox:
+    async with Sandbox(config, cid, cdir.console_log, shares, state_root=root,
+                       network=netns.choose(bundle.spec),
+                       network_record=network_record(cdir)) as sandbox:
         timeline.mark("boot")
         assert sandbox.channel is not None and sandbox.vm is not None
         state.vm_pid = sandbox.vm.pid or 0
         exited = sandbox.exit_future(cid)
+        state.pid = os.getpid()
+        state.pid_start = start_time(state.pid) or 0
+        # prestart and createRuntime before create_container: the agent runs the
+        # createContainer hooks, which come after them (hull.runtime.hooks).
+        await _hooks(bundle, state, *hooks.FATAL)
+        guest = hooks.guest_hooks(bundle.spec, oci_state(state))
         io = ProcessIO.open(sandbox.channel, HostStdio(terminal=bundle.terminal))
         request = schema.CreateContainer(cid, with_console_size(bundle, spec),
                                          schema.RootfsShare(ROOTFS_TAG, bundle.readonly_rootfs),
-                                         io.streams)
-        await sandbox.call(schema.Method.CREATE_CONTAINER, request)
+                                         io.streams, guest)
+        await sandbox.call(schema.Method.CREATE_CONTAINER, request,
+                           timeout=CALL_TIMEOUT + hooks.guest_wait(guest.create_container))
         timeline.mark("create")
-        state.status, state.pid = Status.CREATED, os.getpid()
-        state.pid_start = start_time(state.pid) or 0
+        state.status = Status.CREATED
         cdir.save(state)
-        await _hooks(bundle, state, "prestart", "createRuntime", "createContainer")
         io.start_input()
-        await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
+        await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid),
+                           timeout=CALL_TIMEOUT + hooks.guest_wait(guest.start_container))
         timeline.mark("start")
         state.status = Status.RUNNING
         cdir.save(state)
-        await _hooks(bundle, state, "startContainer", "poststart")
+        await _hooks(bundle, state, "poststart")
         with _forward_signals(sandbox, cid, bundle.terminal):
             vm_died = asyncio.ensure_future(sandbox.watch_vm())
             waiting: list[asyncio.Future[Any]] = [exited, vm_died]

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hull import __version__
 from hull.agentapi import schema
@@ -29,12 +29,15 @@ from hull.errors import (
     HypervisorError,
     ProtocolError,
 )
-from hull.hypervisor import accel
+from hull.hypervisor import accel, vsock
 from hull.hypervisor.base import Accel, Nic, Share, VMConfig
 from hull.hypervisor.qemu.machine import QemuVM
 from hull.network import host as netns
 from hull.proxy.channel import AgentChannel
 from hull.runtime.assets import resolve
+
+if TYPE_CHECKING:
+    from hull.runtime.pool import PooledVM
 
 log = logging.getLogger("hull.sandbox")
 ExitKey = tuple[str, str]  # (container id, exec id)
@@ -140,7 +143,8 @@ class Timeline:
 class Sandbox:
     def __init__(self, config: Config, sandbox_id: str, console_log: Path,
                  shares: tuple[Share, ...] = (), state_root: Path | None = None,
-                 network: netns.Choice | None = None) -> None:
+                 network: netns.Choice | None = None,
+                 network_record: Path | None = None) -> None:
         self.config = config
         self.id = sandbox_id
         self.console_log = console_log
@@ -148,8 +152,11 @@ class Sandbox:
         self.state_root = state_root
         #: the network namespace the VM mirrors (hull.network.host.choose); None: none
         self.network = network
+        #: where the taps and filters are recorded, so that a cleanup after the owner of
+        #: this object was SIGKILLed can remove them (hull.network.host.release_recorded)
+        self.network_record = network_record
         self.attachment: netns.Attachment | None = None
-        self.vm: QemuVM | None = None
+        self.vm: QemuVM | PooledVM | None = None
         self.channel: AgentChannel | None = None
         self.hello: schema.HelloReply | None = None
         self._exits: dict[ExitKey, asyncio.Future[schema.ProcessExit]] = {}
@@ -162,6 +169,8 @@ class Sandbox:
         self.template_config: VMConfig | None = None
         #: the template this sandbox was cloned from (None: booted cold)
         self.cloned_from: Path | None = None
+        #: the MACs the guest's NICs have, in order, when not the veths' (a clone's)
+        self.device_macs: tuple[str, ...] = ()
 
     def vm_config(self) -> VMConfig:
         hv = self.config.hypervisor
@@ -182,17 +191,27 @@ class Sandbox:
             name=self.id, kernel=assets.kernel, initrd=assets.initrd,
             console_log=self.console_log, accel=decision.accel,
             machine_type=hv.machine_type, vcpus=hv.default_vcpus,
-            memory_mib=hv.default_memory_mib, kernel_params=(
+            memory_mib=self.memory_mib(), kernel_params=(
                 *hv.kernel_params.split(),
                 *(("hull.debug_console=1",) if hv.debug_console else ())),
             shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz(),
-            run_as=run_as_ids(hv.run_as),
+            run_as=run_as_ids(hv.run_as), channel=vsock.choose(hv.channel),
             nics=self.nics(), netns_fd=self.attachment.netns_fd if self.attachment else -1)
+
+    def memory_mib(self) -> int:
+        """The VM's memory: the configured size, rounded up to a template size class
+        while the factory is enabled (hull.runtime.factory.memory_class)."""
+        memory = self.config.hypervisor.default_memory_mib
+        if self.config.factory.enabled:
+            from hull.runtime.factory import memory_class
+
+            memory = memory_class(memory)
+        return memory
 
     async def __aenter__(self) -> Sandbox:
         await self.boot()
         try:
-            self.channel = AgentChannel(self.vm_socket(), f"sandbox {self.id}",
+            self.channel = AgentChannel(await self.agent_connection(), f"sandbox {self.id}",
                                         on_event=self._event, on_violation=self._violation)
             await self.channel.open()
             reply = await self.handshake(self.channel.request)
@@ -212,7 +231,7 @@ class Sandbox:
             vm_config = self.template_config or self.vm_config()
             if self.template_config is None and self.config.factory.enabled:
                 self._started = time.monotonic()
-                if await self._boot_clone(vm_config):
+                if await self._take_pooled(vm_config) or await self._boot_clone(vm_config):
                     self._qemu_up = time.monotonic()
                     return
             self.vm = QemuVM(self.config.hypervisor.path, vm_config)
@@ -239,31 +258,81 @@ class Sandbox:
         try:
             template = factory.find(self.config, vm_config)
         except (factory.Unusable, HullError) as exc:
-            log.warning("sandbox %s: no usable vm template, booting cold: %s", self.id, exc)
+            log.warning("sandbox %s: no usable vm template, booting cold: %s%s", self.id, exc,
+                        self._rebuild(vm_config, str(exc)))
             return False
         fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+        vm: QemuVM | None = None
         try:
             clone = factory.clone_config(vm_config, template, fd)
-            self.vm = QemuVM(self.config.hypervisor.path, clone)
-            await self.vm.start()
-            await self.vm.wait_restored(self.config.factory.restore_timeout)
+            vm = QemuVM(self.config.hypervisor.path, clone)
+            await vm.start()
+            await vm.wait_restored(self.config.factory.restore_timeout)
         except (factory.Unusable, HullError) as exc:
-            log.warning("sandbox %s: vm template %s did not restore, booting cold: %s",
-                        self.id, template.path, exc)
-            if self.vm is not None:
-                self.vm.kill()
-                await self.vm.stop(timeout=1.0)
-                self.vm = None
+            log.warning("sandbox %s: vm template %s did not restore, booting cold: %s%s",
+                        self.id, template.path, exc, self._rebuild(vm_config, str(exc)))
+            if vm is not None:
+                vm.kill()
+                await vm.stop(timeout=1.0)
             return False
         finally:
             os.close(fd)
+        self.vm = vm
         self.cloned_from = template.path
+        self.device_macs = tuple(nic.mac for nic in clone.nics[:len(vm_config.nics)])
         log.debug("sandbox %s: cloned from %s", self.id, template.path)
         return True
 
-    def vm_socket(self) -> socket.socket:
+    async def _take_pooled(self, vm_config: VMConfig) -> bool:
+        """Lease a clone the pool restored ahead of demand (factory.pool_size), for a
+        sandbox it can serve (hull.runtime.pool.fits) whose share directory is still
+        empty; False: restore a clone of its own."""
+        if not self.config.factory.pool_size:
+            return False
+        from hull.runtime import pool
+
+        if not pool.fits(vm_config) or any(vm_config.shares[0].path.iterdir()):
+            return False
+        try:
+            vm = await pool.take(self.config, vm_config, self.id)
+        except HullError as exc:
+            log.info("sandbox %s: no pooled clone: %s", self.id, exc)
+            return False
+        try:
+            vm.bind_share(vm_config.shares[0].path)
+        except OSError as exc:
+            log.warning("sandbox %s: cannot use the pooled clone %s: %s", self.id, vm.slot,
+                        exc)
+            await vm.stop(timeout=1.0)
+            return False
+        self.vm = vm
+        self.cloned_from = vm.slot
+        log.debug("sandbox %s: took the pooled clone %s", self.id, vm.slot)
+        return True
+
+    def _rebuild(self, vm_config: VMConfig, why: str) -> str:
+        """Ask for the missing template in the background (factory.auto_rebuild); the
+        notice's tail."""
+        if not self.config.factory.auto_rebuild:
+            return ""
+        from hull.runtime import factory, rebuild
+
+        try:
+            key = factory.key_id(factory.template_key(vm_config, factory.vm_binary(
+                self.config)))
+        except (factory.Unusable, HullError) as exc:
+            return f"; cannot rebuild it: {exc}"
+        return f"; {rebuild.request(self.config, key, why)}"
+
+    async def agent_connection(self) -> socket.socket:
+        """The host end of the agent channel. Over vsock it exists once the agent listens:
+        bounded by hypervisor.boot_timeout, and by QEMU's exit."""
         assert self.vm is not None
-        return self.vm.agent_socket()
+        try:
+            return await self.vm.connect_agent(self.config.hypervisor.boot_timeout)
+        except HypervisorError as exc:
+            raise BootError(f"vm of {self.id} failed to boot: {exc}",
+                            self.vm.console_tail()) from exc
 
     # ----------------------------------------------------------------- network
 
@@ -274,7 +343,8 @@ class Sandbox:
         if self.network.netns is None:
             log.info("sandbox %s: %s", self.id, self.network.why)
             return
-        self.attachment = await asyncio.to_thread(netns.attach, self.network.netns)
+        self.attachment = await asyncio.to_thread(netns.attach, self.network.netns,
+                                                  self.network_record)
 
     def nics(self) -> tuple[Nic, ...]:
         if self.attachment is None:
@@ -287,7 +357,8 @@ class Sandbox:
         if self.attachment is None or not self.attachment.endpoints:
             return
         try:
-            await ask(schema.Method.CONFIGURE_NETWORK, self.attachment.config().to_json())
+            await ask(schema.Method.CONFIGURE_NETWORK,
+                      self.attachment.config(self.device_macs).to_json())
         except (AgentError, ProtocolError) as exc:
             where = self.attachment.netns
             raise netns.NetworkError(f"vm of {self.id}: cannot configure the network of "

@@ -31,11 +31,13 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hull.agentapi import mountinfo, schema
 from hull.errors import HullError
-from hull.hypervisor.base import Share
+
+if TYPE_CHECKING:  # the VM side: `hull exec` and other clients import this module too
+    from hull.hypervisor.base import Share
 
 log = logging.getLogger("hull.sharedfs")
 
@@ -109,6 +111,8 @@ def guest_spec(spec: dict[str, Any], staging: Path, cid: str) -> dict[str, Any]:
 
 def shares(staging: Path) -> tuple[Share, ...]:
     """The 9p share of ``staging``, if anything was staged there."""
+    from hull.hypervisor.base import Share
+
     return (Share(SHARE_TAG, staging),) if staging.is_dir() else ()
 
 

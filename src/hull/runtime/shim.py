@@ -23,12 +23,14 @@ from typing import Any
 from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel
-from hull.runtime import console
+from hull.runtime import console, hooks
 from hull.runtime.proxyd import connect, report
 from hull.runtime.state import ContainerDir
 from hull.runtime.stdio import HostStdio, ProcessIO
 
 log = logging.getLogger("hull.shim")
+#: How long create_container / exec_process may take in the guest (without hooks).
+CREATE_TIMEOUT = 120.0
 #: Exit status when the VM or the proxy died under the process (like a SIGKILL).
 LOST = 128 + signal.SIGKILL
 #: Signals a shim does not forward: it needs them itself, or they cannot be caught.
@@ -41,7 +43,7 @@ class ShimRequest:
 
     cdir: ContainerDir
     exec_id: str
-    #: create: {"spec", "rootfs"}; exec: {"process"}
+    #: create: {"spec", "rootfs", "state" (the OCI state for hooks)}; exec: {"process"}
     payload: dict[str, Any]
     console_socket: str | None = None
     terminal: bool = False
@@ -49,6 +51,14 @@ class ShimRequest:
 
 async def serve(req: ShimRequest, ready: int | None) -> int:
     """Run the shim; ``ready`` is a pipe fd that gets "ok" or the error line."""
+    if not req.exec_id and req.payload["spec"].get("hooks"):
+        try:  # before create_container: createRuntime precedes the guest's createContainer
+            await asyncio.to_thread(hooks.run_before_create, req.payload["spec"],
+                                    req.payload["state"])
+        except HullError as exc:
+            if ready is not None:
+                report(ready, str(exc))
+            return 1
     host = HostStdio(terminal=req.terminal)
     if req.console_socket:
         master, slave, name = console.open_pty()
@@ -74,16 +84,19 @@ async def serve(req: ShimRequest, ready: int | None) -> int:
         if req.terminal and host.stdout is not None and (size := console.window_size(
                 host.stdout)):
             _set_console_size(payload, req.exec_id, size)
+        timeout = CREATE_TIMEOUT
         if req.exec_id:
             method = schema.Method.EXEC_PROCESS
             body = schema.params(schema.ExecProcess(req.cdir.id, req.exec_id,
                                                     payload["process"], io.streams))
         else:
             method = schema.Method.CREATE_CONTAINER
+            guest = hooks.guest_hooks(payload["spec"], payload["state"])
+            timeout += hooks.guest_wait(guest.create_container)
             body = schema.params(schema.CreateContainer(
                 req.cdir.id, payload["spec"], schema.RootfsShare.from_json(payload["rootfs"]),
-                io.streams))
-        await channel.request(method, body, timeout=120)
+                io.streams, guest))
+        await channel.request(method, body, timeout=timeout)
     except HullError as exc:
         if ready is not None:
             report(ready, str(exc))

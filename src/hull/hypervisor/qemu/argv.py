@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hull.hypervisor.base import Accel, VMConfig
+from hull.agentapi.framing import VSOCK_PORT, VSOCK_PORT_PARAM
+from hull.hypervisor.base import Accel, ChannelKind, VMConfig
 
 AGENT_PORT_NAME = "hull.agent"
 
@@ -26,6 +27,12 @@ X86_KERNEL_PARAMS = (
     "i8042.dumbkbd",
 )
 
+#: QEMU's emulated local APIC timer counts at 1 GHz (hw/intel/apic.c: one count per ns
+#: of QEMU_CLOCK_VIRTUAL). Hull's kernel patch (image/patches/x86_64/lapic-timer-hz.patch)
+#: takes it as ``lapic_timer_hz=``, which skips the ~0.1 s calibration under TCG; other
+#: kernels pass the unknown word on to init's environment, where it is harmless.
+QEMU_APIC_TIMER_HZ = 1_000_000_000
+
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -33,10 +40,13 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 class Fds:
     """Host file descriptors QEMU inherits: socketpair ends, and the console log."""
 
-    agent: int
+    agent: int  # -1 with the vsock channel
     qmp: int
     #: the console log, opened by Hull (-1: QEMU opens config.console_log itself)
     console: int = -1
+    #: the vsock channel: /dev/vhost-vsock opened by Hull, with this guest CID claimed
+    vhost_vsock: int = -1
+    vsock_cid: int = 0
 
 
 class Machine:
@@ -53,7 +63,10 @@ class Machine:
     def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
         """Kernel parameters this machine needs (console, platform quirks)."""
         tsc = (f"tsc_early_khz={config.tsc_khz}",) if config.tsc_khz else ()
-        return (*X86_KERNEL_PARAMS, *tsc)  # tsc: the host's, no PIT calibration under TCG
+        # Under KVM the guest has a TSC-deadline timer and calibrates nothing.
+        lapic = (f"lapic_timer_hz={QEMU_APIC_TIMER_HZ}",) if config.accel is Accel.TCG else ()
+        # tsc: the host's, no PIT calibration under TCG
+        return (*X86_KERNEL_PARAMS, *tsc, *lapic)
 
     def cpu(self, accel: Accel) -> str:
         # Under TCG, without ERMS/FSRM: with them the guest kernel and glibc copy and clear
@@ -65,6 +78,9 @@ class Machine:
     def device(self, kind: str) -> str:
         """``kind`` is "serial", "9p", "rng" or "net": the virtio device for this machine."""
         return f"virtio-{kind}{self.device_suffix}"
+
+    def vsock_device(self) -> str:
+        return f"vhost-vsock{self.device_suffix}"
 
 
 class Microvm(Machine):
@@ -136,6 +152,8 @@ def console_args(config: VMConfig, fds: Fds) -> list[str]:
 
 def kernel_cmdline(config: VMConfig) -> str:
     params = [*BASE_KERNEL_PARAMS, *machine_for(config.machine_type).kernel_params(config)]
+    if config.channel is ChannelKind.VSOCK:
+        params.append(f"{VSOCK_PORT_PARAM}={VSOCK_PORT}")
     params.extend(config.kernel_params)
     return " ".join(params)
 
@@ -158,6 +176,20 @@ def memory_args(config: VMConfig) -> list[str]:
     return argv
 
 
+def channel_args(machine: Machine, config: VMConfig, fds: Fds) -> list[str]:
+    """The agent channel's device. The virtio-serial port's backend and the vhost-vsock
+    device are fds Hull made (a socketpair end; /dev/vhost-vsock with the VM's CID
+    claimed): nothing on the filesystem to race for, and nothing left behind."""
+    if config.channel is ChannelKind.VSOCK:
+        if fds.vhost_vsock < 0:
+            raise ValueError("the vsock channel needs an open /dev/vhost-vsock fd")
+        return ["-device", f"{machine.vsock_device()},id=vsock0,guest-cid={fds.vsock_cid},"
+                           f"vhostfd={fds.vhost_vsock}"]
+    return ["-device", f"{machine.device('serial')},id=vser0",
+            "-chardev", f"socket,id=agent,fd={fds.agent}",
+            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"]
+
+
 def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
     machine = machine_for(config.machine_type)
     machine_arg = machine.machine_arg(config.accel)
@@ -178,11 +210,8 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
         "-serial", "chardev:console",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", f"{machine.device('rng')},rng=rng0",
-        # The agent channel and QMP are socketpairs Hull made: nothing on the filesystem
-        # to race for, and nothing left behind.
-        "-device", f"{machine.device('serial')},id=vser0",
-        "-chardev", f"socket,id=agent,fd={fds.agent}",
-        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        *channel_args(machine, config, fds),
+        # QMP is a socketpair too.
         "-chardev", f"socket,id=qmp,fd={fds.qmp}",
         "-mon", "chardev=qmp,mode=control",
         *memory_args(config),
@@ -196,10 +225,14 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
                  "-device", f"{machine.device('9p')},fsdev=fs{i},mount_tag={share.tag}"]
     for i, nic in enumerate(config.nics):
         # The tap is an fd Hull opened: -sandbox spawn=deny rules out QEMU's ifup scripts.
-        device = f"{machine.device('net')},netdev=net{i},mac={nic.mac},host_mtu={nic.mtu}"
+        # Without one (tap_fd -1: a VM template's spare NIC) the device has no backend.
+        backend = f"netdev=net{i}," if nic.tap_fd >= 0 else ""
+        device = f"{machine.device('net')},{backend}mac={nic.mac},host_mtu={nic.mtu}"
         if machine.device_suffix == "-pci":
             device += ",romfile="  # no option ROM (no iPXE): the kernel is booted directly
-        argv += ["-netdev", f"tap,id=net{i},fd={nic.tap_fd}", "-device", device]
+        if backend:
+            argv += ["-netdev", f"tap,id=net{i},fd={nic.tap_fd}"]
+        argv += ["-device", device]
     if config.sandbox:
         argv += ["-sandbox", SANDBOX]
     argv += list(config.extra_args)

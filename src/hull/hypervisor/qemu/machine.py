@@ -22,8 +22,10 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from hull.agentapi.framing import VSOCK_PORT
 from hull.errors import HypervisorError
-from hull.hypervisor.base import Capability, Hypervisor, VMConfig
+from hull.hypervisor import vsock
+from hull.hypervisor.base import Capability, ChannelKind, Hypervisor, VMConfig
 from hull.hypervisor.qemu import argv as qemu_argv
 
 log = logging.getLogger("hull.qemu")
@@ -75,35 +77,52 @@ class QemuVM(Hypervisor):
         self._qmp: QMPClient | None = None
         self._stderr = b""
         self._stderr_task: asyncio.Task[None] | None = None
+        #: the guest CID of the vsock channel (0: virtio-serial)
+        self.vsock_cid = 0
 
     # -------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        agent_host, agent_vm = socket.socketpair()
         qmp_host, qmp_vm = socket.socketpair()
-        self._agent, self._qmp_sock = agent_host, qmp_host
+        self._qmp_sock = qmp_host
+        # QEMU's end of the channel: a socketpair end, or /dev/vhost-vsock with a CID.
+        agent_vm: socket.socket | None = None
+        vhost = -1
+        if self.config.channel is ChannelKind.VSOCK:
+            try:
+                vhost, self.vsock_cid = vsock.open_device()
+            except BaseException:
+                qmp_vm.close()
+                self._close_sockets()
+                raise
+        else:
+            self._agent, agent_vm = socket.socketpair()
         # The console log is opened here and handed over as an fd: QEMU may run as an
         # unprivileged user that cannot reach Hull's state directory.
         console = os.open(self.config.console_log,
                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        argv = qemu_argv.build(self.binary, self.config,
-                               qemu_argv.Fds(agent_vm.fileno(), qmp_vm.fileno(), console))
+        fds = qemu_argv.Fds(agent_vm.fileno() if agent_vm else -1, qmp_vm.fileno(), console,
+                            vhost, self.vsock_cid)
+        argv = qemu_argv.build(self.binary, self.config, fds)
         log.debug("starting %s", " ".join(argv))
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(agent_vm.fileno(), qmp_vm.fileno(), console,
-                          *(nic.tap_fd for nic in self.config.nics),
-                          *((self.config.incoming_fd,) if self.config.incoming_fd >= 0
-                            else ())),
+                pass_fds=tuple(fd for fd in (fds.agent, fds.qmp, fds.console,
+                                             fds.vhost_vsock, self.config.incoming_fd,
+                                             *(nic.tap_fd for nic in self.config.nics))
+                               if fd >= 0),
                 preexec_fn=_preexec(self.config.netns_fd, self.config.run_as),
                 start_new_session=True)
         except OSError as exc:
             self._close_sockets()
             raise HypervisorError(f"cannot start {self.binary}: {exc.strerror}") from exc
         finally:
-            agent_vm.close()
+            if agent_vm is not None:
+                agent_vm.close()
+            if vhost >= 0:
+                os.close(vhost)  # QEMU's copy holds the CID until it exits
             qmp_vm.close()
             os.close(console)
         self._stderr_task = asyncio.create_task(self._collect_stderr())
@@ -124,6 +143,9 @@ class QemuVM(Hypervisor):
             await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "x-ignore-shared", "state": True}]})
             if self.config.incoming_fd >= 0:
+                # No self-announce after the restore: its RARP frames would carry the
+                # template NIC's MAC out of the clone's tap (the guest gets the veth's).
+                await self._qmp.execute("migrate-set-parameters", {"announce-rounds": 0})
                 await self._qmp.execute("migrate-incoming",
                                         {"uri": f"fd:{self.config.incoming_fd}"})
         except (QMPError, OSError, EOFError) as exc:
@@ -255,10 +277,18 @@ class QemuVM(Hypervisor):
                 raise HypervisorError(f"vm {self.config.name}: restore took over {timeout:g}s")
             await asyncio.sleep(0.005)
 
-    def agent_socket(self) -> socket.socket:
+    async def connect_agent(self, timeout: float) -> socket.socket:
+        if self._agent is None and self.config.channel is ChannelKind.VSOCK and self._proc:
+            self._agent = await vsock.connect(
+                socket.AF_VSOCK, (self.vsock_cid, VSOCK_PORT), timeout, self._gone,
+                f"vm {self.config.name}: agent on vsock cid {self.vsock_cid} "
+                f"port {VSOCK_PORT}")
         if self._agent is None:
             raise HypervisorError(f"vm {self.config.name} is not running")
         return self._agent
+
+    def _gone(self) -> str | None:
+        return self.exit_reason() if self.returncode is not None else None
 
     @property
     def pid(self) -> int | None:

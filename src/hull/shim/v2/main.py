@@ -137,7 +137,9 @@ def _spawn_daemon(args: argparse.Namespace, bundle: Path, sock: socket.socket) -
 
 
 def delete(args: argparse.Namespace) -> int:
-    """Clean up what a dead shim left for task ``args.id``: VM, mounts, state, socket."""
+    """Clean up what a dead shim left for task ``args.id``: VM, network, mounts, state,
+    socket."""
+    from hull.network import host as netns
     from hull.runtime import sharedfs
     from hull.shim.proto import shim_pb2
     from hull.shim.v2 import mounts
@@ -149,6 +151,8 @@ def delete(args: argparse.Namespace) -> int:
     alive = listening(path)
     if not alive:
         _kill_pidfile(state / "qemu.pid")
+        # The dead shim's tc filters are still on the pod's veths (Pod.close removes them).
+        netns.release_recorded(state / netns.RECORD_NAME)
     share = state / "shared" / args.id / "rootfs"
     with contextlib.suppress(sharedfs.ShareError):
         sharedfs.release(share.parent / "mounts")  # staged bind sources (sharedfs)

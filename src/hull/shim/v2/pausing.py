@@ -16,6 +16,7 @@ through as to a running task, as ``runc kill`` of a frozen container does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from hull.agentapi import schema
 from hull.errors import HullError, InvalidState
@@ -27,8 +28,11 @@ log = logging.getLogger("hull.shim.pod")
 
 
 class Pauser:
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher,
+                 on_vm_change: Callable[[], None] | None = None) -> None:
         self.publisher = publisher
+        #: told after the whole VM stopped or continued (the pod republishes its status)
+        self.on_vm_change = on_vm_change
         #: the container whose pause stopped the whole VM ("" when the VM runs)
         self.vm_paused_by = ""
         #: containers frozen in the guest (cgroup.freeze)
@@ -51,6 +55,7 @@ class Pauser:
             assert sandbox.vm is not None
             await sandbox.vm.pause()
             self.vm_paused_by = cid
+            self._vm_changed()
         else:
             await sandbox.call(schema.Method.PAUSE_CONTAINER, schema.ContainerRef(cid))
             self.frozen.add(cid)
@@ -63,6 +68,7 @@ class Pauser:
             assert sandbox.vm is not None
             await sandbox.vm.resume()
             self.vm_paused_by = ""
+            self._vm_changed()
         else:
             await sandbox.call(schema.Method.RESUME_CONTAINER, schema.ContainerRef(cid))
             self.frozen.discard(cid)
@@ -78,6 +84,10 @@ class Pauser:
                 await self.resume(sandbox, paused)
             except HullError as exc:  # the VM may be dying: the caller's error says so
                 log.warning("resume of %s before a kill or delete: %s", paused, exc)
+
+    def _vm_changed(self) -> None:
+        if self.on_vm_change is not None:
+            self.on_vm_change()
 
     def forget(self, cid: str) -> None:
         self.frozen.discard(cid)

@@ -39,7 +39,7 @@ from hull.errors import (
 from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
-from hull.runtime import sharedfs
+from hull.runtime import sandboxinfo, sharedfs
 from hull.runtime.sandbox import Sandbox
 from hull.shim.proto import events_pb2, types_pb2
 from hull.shim.v2 import mounts, sizing
@@ -47,6 +47,7 @@ from hull.shim.v2.events import Publisher
 from hull.shim.v2.pausing import Pauser
 from hull.shim.v2.placeholder import Placeholder
 from hull.shim.v2.stdio import StdioPaths, TaskIO
+from hull.shim.v2.taskhooks import TaskHooks
 
 log = logging.getLogger("hull.shim.pod")
 SHARE_TAG = "hullshared"
@@ -98,6 +99,10 @@ class Container:
     init: Proc
     execs: dict[str, Proc] = field(default_factory=dict)
 
+    @property
+    def hooks(self) -> TaskHooks:
+        return TaskHooks(self.id, self.bundle, self.spec, self.init.pid)
+
 
 @dataclass(frozen=True)
 class CreateRequest:
@@ -118,8 +123,10 @@ class Pod:
         self.sandbox: Sandbox | None = None
         self.sandbox_id = ""
         self.containers: dict[str, Container] = {}
-        self.pauser = Pauser(publisher)
+        self.pauser = Pauser(publisher, on_vm_change=self._record)
         self._vm_watch: asyncio.Task[None] | None = None
+        #: the status socket `hull monitor` asks (sandboxinfo.StatusServer)
+        self._published = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()  # Create and Delete change the pod one at a time
 
     @property
@@ -191,7 +198,11 @@ class Pod:
                 placeholder = await Placeholder.spawn(req.id, spec)
                 try:
                     proc = Proc(req.id, "", req.stdio, placeholder.pid)
-                    await self._create_in_guest(req.id, guest_spec, readonly, proc)
+                    # prestart and createRuntime come before the guest's createContainer.
+                    task_hooks = TaskHooks(req.id, bundle, spec, placeholder.pid)
+                    await task_hooks.before_create()
+                    await self._create_in_guest(req.id, guest_spec, readonly, proc,
+                                                task_hooks)
                 except BaseException:
                     await placeholder.stop()
                     raise
@@ -217,7 +228,7 @@ class Pod:
         self.shared.mkdir(parents=True, exist_ok=True)
         sandbox = Sandbox(config, self.sandbox_id, self.state_dir / "console.log",
                           (Share(SHARE_TAG, self.shared),), state_root=self.state_dir,
-                          network=network)
+                          network=network, network_record=self.state_dir / netns.RECORD_NAME)
         try:
             await sandbox.__aenter__()
         except BaseException:
@@ -228,9 +239,29 @@ class Pod:
         # For the `delete` cleanup of a shim that died (main.py cleanup_dead).
         (self.state_dir / "qemu.pid").write_text(f"{sandbox.vm.pid}\n")
         self._vm_watch = asyncio.create_task(self._watch_vm(sandbox))
+        await self._publish(sandbox)
+
+    async def _publish(self, sandbox: Sandbox) -> None:
+        """Let `hull monitor` find this pod and ask its agent, without containerd's help:
+        sandbox.json and status.sock in the state directory (runtime/sandboxinfo.py)."""
+        assert sandbox.hello is not None
+        name = f"sandbox {self.namespace}/{self.sandbox_id}"
+        try:
+            await self._published.enter_async_context(sandboxinfo.StatusServer(
+                name, self.state_dir, schema.params(sandbox.hello), sandbox.call))
+        except HullError as exc:  # the pod works without; only the monitor cannot see it
+            log.warning("%s", exc)
+            return
+        self._record()
+
+    def _record(self) -> None:
+        """(Re)write sandbox.json: at boot, and when the whole VM pauses or resumes."""
+        if self.sandbox is not None:
+            status = "paused" if self.pauser.vm_paused else "running"
+            sandboxinfo.record(self.state_dir, self.sandbox, status=status)
 
     async def _create_in_guest(self, cid: str, spec: dict[str, Any], readonly: bool,
-                               proc: Proc) -> None:
+                               proc: Proc, task_hooks: TaskHooks) -> None:
         sandbox = self._running_sandbox()
         assert sandbox.channel is not None
         proc.io = await TaskIO.open(sandbox.channel, proc.paths, cid, self.namespace)
@@ -238,8 +269,9 @@ class Pod:
         try:
             request = schema.CreateContainer(
                 cid, spec, schema.RootfsShare(SHARE_TAG, readonly, f"{cid}/rootfs"),
-                proc.io.streams)
-            await sandbox.call(schema.Method.CREATE_CONTAINER, request)
+                proc.io.streams, task_hooks.guest())
+            await sandbox.call(schema.Method.CREATE_CONTAINER, request,
+                               timeout=task_hooks.create_timeout())
         except BaseException:
             proc.io.close_fds()
             sandbox.forget_exit(cid, "")
@@ -255,9 +287,16 @@ class Pod:
             raise InvalidState(f"process {cid}/{exec_id} is {proc.status.value}, not created")
         sandbox = self._running_sandbox()
         if not exec_id:
-            await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid))
+            task_hooks = self.container(cid).hooks
+            try:  # the guest runs the startContainer hooks before the process's execve
+                await sandbox.call(schema.Method.START_CONTAINER, schema.ContainerRef(cid),
+                                   timeout=task_hooks.start_timeout())
+            except HullError:
+                proc.may_report.set()  # the init never ran: its exit may follow create
+                raise
             proc.status = Status.RUNNING
             self.publisher.publish(events_pb2.TaskStart(container_id=cid, pid=proc.pid))
+            await task_hooks.after("poststart", "running")
         else:
             await self._start_exec(sandbox, proc)
             self.publisher.publish(events_pb2.TaskExecStarted(
@@ -434,6 +473,8 @@ class Pod:
                 self._exited(proc, 128 + 9)
             await self._release(ctr)
             del self.containers[cid]
+            # runtime-spec: poststop after the container is deleted, before delete returns.
+            await ctr.hooks.after("poststop", "stopped")
             self.publisher.publish(events_pb2.TaskDelete(
                 container_id=cid, id=cid, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=_timestamp(proc.exited_at or now())))
@@ -467,6 +508,9 @@ class Pod:
 
     async def close(self) -> None:
         """Stop everything: the containers' host parts, the VM, the state directory."""
+        if self.sandbox_id:
+            sandboxinfo.withdraw(self.state_dir)  # the monitor no longer asks a dying pod
+        await self._published.aclose()
         for ctr in list(self.containers.values()):
             await self._release(ctr)
         self.containers.clear()
