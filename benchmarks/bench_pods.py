@@ -1,27 +1,49 @@
 """Ten pods started concurrently through Kubernetes CRI: Hull beside containerd's runc shim.
 
-Usage: python -m benchmarks.bench_pods [--pods N]
+Usage: python -m benchmarks.bench_pods [--pods N] [--factory] [--pool N] [--no-runc]
 One containerd 1.6 with its CRI plugin (benchmarks/pods.py) and two runtime handlers:
 ``runc`` (io.containerd.runc.v2) and ``hull`` (io.containerd.hull.v2, one VM per pod).
 For each, N pods are started at once, each RunPodSandbox + CreateContainer (busybox
 ``sleep``) + StartContainer, from N threads; then the host PSS of every pod's processes
-(the shim and everything under it) is summed and divided by N; then the pods are
+(the shim and everything under it, and the QEMU a pod leased from the pool) is summed
+and divided by N; then the pods are
 removed. Prints the machine, the wall time of the whole batch, the median per-pod
-latency and the PSS per pod, with Hull/runc ratios.
+latency and the PSS per pod, with Hull/runc ratios, and where a Hull pod's start time
+went (per phase, medians over the pods, from containerd's log). With N pods on few
+cores the pods' CPU time decides the wall time: the host's busy time during the batch,
+per pod, is shown too (meaningful on a machine without other work).
+
+``--factory`` enables VM templates in this containerd's own Hull configuration (the CRI
+runtime's ConfigPath; the default configuration is never touched) and builds the
+template first; ``--pool N`` also keeps N restored clones waiting (use N >= --pods for
+every pod to lease one). Both are destroyed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tests.integration.cri.fixture import CriEnv
 from tests.integration.cri.images import BUSYBOX_IMAGE
 
-from benchmarks.common import machine
-from benchmarks.pods import cri_containerd, describe, pss_kib, shim_trees
+from benchmarks.common import machine, phase_table
+from benchmarks.pods import (
+    cpu_ticks,
+    cri_containerd,
+    describe,
+    factory,
+    leased_qemus,
+    pod_phases,
+    pss_kib,
+    shim_trees,
+)
 
 
 def start_pod(env: CriEnv, handler: str, i: int) -> tuple[str, float]:
@@ -37,49 +59,94 @@ def remove_pod(env: CriEnv, pod: str) -> None:
     env.client.remove_pod(pod)
 
 
+def busy_seconds() -> float:
+    """CPU time the whole host spent busy so far, over all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def batch(env: CriEnv, handler: str, n: int) -> dict[str, float]:
     with ThreadPoolExecutor(n) as pool:
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), busy_seconds()
         results = list(pool.map(lambda i: start_pod(env, handler, i), range(n)))
         wall = time.perf_counter() - start
+        cpu = busy_seconds() - busy
     time.sleep(3)  # let the guests and shims settle before measuring memory
     trees = shim_trees(env)
-    pids = [p for tree in trees.values() for p in tree]
+    pids = [p for tree in trees.values() for p in tree] + leased_qemus(env)
     kinds: dict[str, int] = {}
+    ticks: dict[str, int] = {}
     for pid in pids:
-        kinds[describe(pid)] = kinds.get(describe(pid), 0) + pss_kib(pid)
+        kind = describe(pid)
+        kinds[kind] = kinds.get(kind, 0) + pss_kib(pid)
+        ticks[kind] = ticks.get(kind, 0) + cpu_ticks(pid)
     total = sum(kinds.values())
+    hz = os.sysconf("SC_CLK_TCK")
     with ThreadPoolExecutor(n) as pool:
         start = time.perf_counter()
         list(pool.map(lambda r: remove_pod(env, r[0]), results))
         removal = time.perf_counter() - start
-    return {"wall": wall, "median": statistics.median(r[1] for r in results),
+    return {"wall": wall, "median": statistics.median(r[1] for r in results), "cpu": cpu / n,
             "pss_mib": total / n / 1024, "shims": len(trees), "removal": removal,
-            **{f"pss_{k}_mib": v / n / 1024 for k, v in sorted(kinds.items())}}
+            **{f"pss_{k}_mib": v / n / 1024 for k, v in sorted(kinds.items())},
+            **{f"cpu_{k}_s": v / n / hz for k, v in sorted(ticks.items())}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pods", type=int, default=10)
+    parser.add_argument("--factory", action="store_true",
+                        help="clone the pods' VMs from a template (built first)")
+    parser.add_argument("--pool", type=int, default=0, metavar="N",
+                        help="keep N restored clones waiting (implies --factory)")
+    parser.add_argument("--no-runc", action="store_true", help="only Hull's batch")
+    parser.add_argument("--log", type=Path, metavar="FILE",
+                        help="keep containerd's log (with the shims' lines) in FILE")
     args = parser.parse_args()
-    with cri_containerd() as env:
-        runc = batch(env, "runc", args.pods)
-        hull = batch(env, "hull", args.pods)
     n = args.pods
+    with cri_containerd() as env:
+        runc = None if args.no_runc else batch(env, "runc", n)
+        with (factory(env, args.pool) if args.factory or args.pool
+              else contextlib.nullcontext()):
+            hull = batch(env, "hull", n)
+        phases, notes = pod_phases(env.containerd.log, [f"hull-{i}" for i in range(n)])
+        if args.log:
+            shutil.copy(env.containerd.log, args.log)
+    mode = (f"from a pool of {args.pool} clones" if args.pool
+            else "cloned from a template" if args.factory else "cold boots")
     print(f"machine: {machine()}; containerd 1.6 CRI, {n} pods started concurrently "
-          "(RunPodSandbox + CreateContainer + StartContainer of busybox sleep)\n")
+          f"(RunPodSandbox + CreateContainer + StartContainer of busybox sleep); "
+          f"hull: {mode}\n")
     print("| what | hull | runc | ratio |\n|---|---|---|---|")
     rows = [(f"wall time, {n} pods", "wall", "s"), ("median per-pod start", "median", "s"),
+            ("host CPU per pod start (whole host, busy time / pods)", "cpu", "s"),
             ("host PSS per pod (shim + all below it)", "pss_mib", "MiB"),
             (f"wall time, removing {n} pods", "removal", "s")]
     for what, key, unit in rows:
-        h, r = hull[key], runc[key]
-        print(f"| {what} | {h:.2f} {unit} | {r:.2f} {unit} | {h / r:.1f}x |")
+        h = hull[key]
+        r = runc[key] if runc else None
+        other = f"{r:.2f} {unit} | {h / r:.1f}x" if r else "- | -"
+        print(f"| {what} | {h:.2f} {unit} | {other} |")
     print("\nPSS per pod by process (MiB):")
     for name, result in (("hull", hull), ("runc", runc)):
+        if result is None:
+            continue
         parts = ", ".join(f"{k[4:-4]} {v:.1f}" for k, v in result.items()
                           if k.startswith("pss_") and k != "pss_mib")
         print(f"- {name}: {parts} ({result['shims']:.0f} shims)")
+    print("\nCPU per pod by process, since each started (s; a pooled QEMU's includes its "
+          "restore and its wait in the pool):")
+    for name, result in (("hull", hull), ("runc", runc)):
+        if result is not None:
+            print(f"- {name}: " + ", ".join(f"{k[4:-2]} {v:.2f}" for k, v in result.items()
+                                            if k.startswith("cpu_") and k.endswith("_s")))
+    print(f"\nWhere a Hull pod's start went ({n} pods at once; medians over the pods):\n")
+    print(phase_table("phase", phases))
+    print("\nThe shims' boot lines:")
+    for note in notes:
+        print(f"- {note}")
 
 
 if __name__ == "__main__":

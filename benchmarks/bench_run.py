@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -34,7 +35,9 @@ RUN_TIMING = re.compile(r"run \S+ timing: total ([0-9.]+)s: (.*)")
 BOOT = re.compile(r"sandbox \S+ ready in ([0-9.]+)s: (.*)")
 PHASE = re.compile(r"\s*([a-z+ ]+?) ([0-9.]+)s")
 #: The phases of hull.runtime.run's timeline, as the tables name them.
-RUN_PHASES = {"setup": "setup (state dir, bundle)", "boot": "VM boot (QEMU start -> agent ready)",
+RUN_PHASES = {"host start": "host: python start, imports",
+              "setup": "setup (state dir, bundle)",
+              "boot": "VM ready (boot, restore or lease; hello)",
               "create": "container create", "start": "container start",
               "run": "process runs, exit event", "drain": "output drained",
               "teardown": "teardown (agent shutdown, QEMU exit)", "cleanup": "cleanup"}
@@ -73,6 +76,9 @@ class HullRuns:
     def __init__(self, label: str, work: Path, bundle: Path, config: Path | None) -> None:
         self.label, self.work, self.bundle, self.config = label, work, bundle, config
         self.walls: list[float] = []
+        #: CPU seconds of `hull` and the children it reaped (its QEMU, unless pooled)
+        self.cpus: list[float] = []
+        self.stderr = ""
         self.boots: list[float] = []
         self.run_phases: list[dict[str, float]] = []
         self.boot_phases: list[dict[str, float]] = []
@@ -82,19 +88,24 @@ class HullRuns:
         env = dict(os.environ, **({"HULL_CONFIG": str(self.config)} if self.config else {}))
         argv = [*hull_command(), "--root", str(self.work / "hull-state"), "--debug",
                 "--log", str(log), "run", "-b", str(self.bundle), f"{self.label}{i}"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, env=env, check=False)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.stderr = done.stderr.decode()
         if done.returncode != 0:
-            raise SystemExit(f"hull run failed: {done.stderr.decode().strip()}")
+            raise SystemExit(f"hull run failed: {self.stderr.strip()}")
+        self.cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         text = log.read_text()
         run, boot = RUN_TIMING.search(text), BOOT.search(text)
         if run is None or boot is None:
             raise SystemExit(f"no timing lines in {log}: is this hull too old?")
         self.walls.append(wall)
         self.boots.append(float(boot.group(1)))
-        steps = {"host process (python start, imports, exit)": wall - float(run.group(1))}
+        # The time line starts when the process did ("host start": python, imports).
+        steps = {"host process exec and exit": wall - float(run.group(1))}
         steps.update((RUN_PHASES.get(k, k), v) for k, v in phases(run.group(2)).items())
         self.run_phases.append(steps)
         self.boot_phases.append(phases(boot.group(2)))

@@ -27,6 +27,7 @@ from tests.integration.test_network import (
     Net,
     background,
     finish,
+    hull_filters,
     in_ns,
     ip,
     net,
@@ -205,23 +206,37 @@ def test_networked_clone(hull: Runner, bundle: BundleFactory, templated: Path,
     assert f"inet {CTR_V4}/24" in out
 
 
+def restart_with(containerd: Containerd, config: Path) -> None:
+    """containerd again, its shims using Hull configuration ``config``."""
+    containerd.stop()
+    containerd.env["HULL_CONFIG"] = str(config)
+    containerd.start()
+
+
+def run_echo_pod(containerd: Containerd, rootfs: Path, net: Net, name: str) -> None:
+    """A pod in ``net``'s namespace whose container echoes one TCP connection on 7000."""
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns",
+                   f"network:{net.ctr_path}", "--rootfs", str(rootfs), name,
+                   "nc", "-l", "-p", "7000", "-e", "cat")
+
+
+def echo_through(net: Net, text: str) -> None:
+    client = in_ns(net.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000", text],
+                   timeout=120)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.strip() == text
+
+
 def test_shim_v2_pod_from_a_template(containerd: Containerd, rootfs_template: Path,
                                      templated: Path, one_veth: Net, tmp_path: Path) -> None:
     """containerd-shim-hull-v2 clones its pod's VM from the template, NIC included."""
-    containerd.stop()
-    containerd.env["HULL_CONFIG"] = str(templated)
-    containerd.start()
+    restart_with(containerd, templated)
     rootfs = tmp_path / "rootfs"
     shutil.copytree(rootfs_template, rootfs, symlinks=True)
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns",
-                   f"network:{one_veth.ctr_path}", "--rootfs", str(rootfs), "tpod",
-                   "nc", "-l", "-p", "7000", "-e", "cat")
+    run_echo_pod(containerd, rootfs, one_veth, "tpod")
     (qemu,) = qemu_of("tpod")
     assert "-incoming defer" in qemu and f"mem-path={only_template(templated)}/ram" in qemu
-    client = in_ns(one_veth.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000",
-                                   "pod-clone"], timeout=120)
-    assert client.returncode == 0, client.stderr
-    assert client.stdout.strip() == "pod-clone"
+    echo_through(one_veth, "pod-clone")
     wait_status(containerd, "tpod", "STOPPED")
     containerd.ctr("task", "delete", "tpod")
     containerd.ctr("containers", "rm", "tpod")
@@ -303,20 +318,26 @@ def wait_pool(hull: Runner, config: Path, idle: int, leased: int, timeout: float
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def pool_factory(hull: Runner, tmp_path: Path, size: int) -> Iterator[Path]:
+    """A configuration whose factory has a template and a pool of ``size`` ready clones
+    (`hull factory init` starts its daemon); destroyed at the end, as factory_dir."""
+    template_dir = Path("/dev/shm") / f"hull-test-{uuid.uuid4().hex[:12]}"
+    config = factory_config(tmp_path / "pool.toml", template_dir, f"pool_size = {size}\n")
+    with factory_dir(hull, config):
+        done = hull("--config", str(config), "factory", "init")
+        assert done.returncode == 0 and b"pool daemon started" in done.stdout, done
+        wait_pool(hull, config, idle=size, leased=0)
+        yield config
+
+
 def test_pool_hands_out_clones_and_destroy_leaves_nothing(
         hull: Runner, containerd: Containerd, rootfs_template: Path, tmp_path: Path) -> None:
     """`hull factory init` starts the pool daemon; a shim v2 pod leases one of its
     clones (the refill restores another); the lease ends with the pod; a shim killed
     with SIGKILL ends its lease too; destroy stops the daemon and every clone."""
-    template_dir = Path("/dev/shm") / f"hull-test-{uuid.uuid4().hex[:12]}"
-    config = factory_config(tmp_path / "pool.toml", template_dir, "pool_size = 2\n")
-    with factory_dir(hull, config):
-        done = hull("--config", str(config), "factory", "init")
-        assert done.returncode == 0 and b"pool daemon started" in done.stdout, done
-        wait_pool(hull, config, idle=2, leased=0)
-        containerd.stop()
-        containerd.env["HULL_CONFIG"] = str(config)
-        containerd.start()
+    with pool_factory(hull, tmp_path, 2) as config:
+        restart_with(containerd, config)
         rootfs = tmp_path / "rootfs"
         shutil.copytree(rootfs_template, rootfs, symlinks=True)
         containerd.ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), "pooled",
@@ -339,3 +360,42 @@ def test_pool_hands_out_clones_and_destroy_leaves_nothing(
         wait_pool(hull, config, idle=2, leased=0)
         print(f"\nctr run --rm from the pool: {took:.2f}s")
     assert pool_status(hull, config) is None
+
+
+def test_networked_pod_leases_a_pooled_clone(
+        hull: Runner, containerd: Containerd, rootfs_template: Path, one_veth: Net,
+        tmp_path: Path) -> None:
+    """A pod with a network leases a pooled clone: its tap, made in the pod's namespace,
+    joins the clone's NIC over QMP (a network hub port); TCP reaches the pod through it.
+    The lease's end, by the pod's end or its shim's SIGKILL, leaves the namespace as it
+    was (no tap, no filters)."""
+    before = one_veth.snapshot()
+    with pool_factory(hull, tmp_path, 1) as config:
+        restart_with(containerd, config)
+        rootfs = tmp_path / "rootfs"
+        shutil.copytree(rootfs_template, rootfs, symlinks=True)
+        run_echo_pod(containerd, rootfs, one_veth, "npool")
+        assert not qemu_of("npool"), "the pod booted or restored a VM of its own"
+        wait_pool(hull, config, idle=1, leased=1)
+        assert hull_filters(one_veth) and "hulltap" in ip("link", netns=one_veth.ctr)
+        echo_through(one_veth, "through-the-pool")
+        wait_status(containerd, "npool", "STOPPED")
+        containerd.ctr("task", "delete", "npool")
+        containerd.ctr("containers", "rm", "npool")
+        wait_pool(hull, config, idle=1, leased=0)
+        assert one_veth.snapshot() == before
+        # The shim dies without a word: the daemon ends the lease, containerd's delete
+        # removes the filters (network.json); nothing of the pod is left.
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns",
+                       f"network:{one_veth.ctr_path}", "--rootfs", str(rootfs), "npool2",
+                       "sleep", "1000")
+        wait_pool(hull, config, idle=1, leased=1)
+        (shim,) = shim_pids("npool2")
+        os.kill(shim, signal.SIGKILL)
+        wait_pool(hull, config, idle=1, leased=0)
+        containerd.ctr("task", "delete", "-f", "npool2", check=False)
+        containerd.ctr("containers", "rm", "npool2", check=False)
+        deadline = time.monotonic() + 30
+        while one_veth.snapshot() != before:
+            assert time.monotonic() < deadline, "the killed pod's taps or filters remain"
+            time.sleep(0.5)

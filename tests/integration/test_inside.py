@@ -191,6 +191,16 @@ from hull.agentapi.framing import Frame, Kind
 agent = subprocess.Popen([sys.executable, "-m", "hull.agent.main", "--test", "--vsock-port",
                           "5000", "--share-dir", "/tmp", "--run-dir", "/tmp/run"])
 
+def call(sock, decoder, rid, method, params):
+    sock.sendall(Frame(Kind.REQUEST, 0, schema.encode(
+        {"id": rid, "method": method, "params": params})).encode())
+    frames = []
+    while not frames:
+        data = sock.recv(65536)
+        assert data, "the agent closed the connection"
+        frames += decoder.feed(data)
+    return schema.decode(frames[0].payload)
+
 def session(n):
     deadline = time.monotonic() + 60
     while True:
@@ -204,22 +214,17 @@ def session(n):
             time.sleep(0.05)
     hello = {"version": schema.PROTOCOL_VERSION, "entropy": "00" * 16,
              "time_ns": time.time_ns()}
-    sock.sendall(Frame(Kind.REQUEST, 0, schema.encode(
-        {"id": n, "method": "hello", "params": hello})).encode())
-    decoder, frames = framing.Decoder(), []
-    while not frames:
-        data = sock.recv(65536)
-        assert data, "the agent closed the connection"
-        frames += decoder.feed(data)
-    reply = schema.decode(frames[0].payload)
+    decoder = framing.Decoder()
+    reply = call(sock, decoder, n, "hello", hello)
     print("session", n, reply["id"], reply["result"]["version"] == schema.PROTOCOL_VERSION,
           flush=True)
+    if n == 2:
+        print("shutdown", call(sock, decoder, 3, "shutdown", {}), flush=True)
     sock.close()
 
 session(1)
 session(2)  # the agent outlives a session: the next connection is served
-agent.terminate()
-print("agent exit", agent.wait(), flush=True)
+print("agent exit", agent.wait(timeout=30), flush=True)
 """
 
 
@@ -246,5 +251,6 @@ def test_agent_vsock_listener_in_the_guest(hull: Runner, bundle: BundleFactory) 
             (path / "rootfs" / link).symlink_to(f"usr/{link}")
     done = hull("run", "-b", str(path), "vsockloop", timeout=300)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    assert done.stdout.decode().split("\n")[:3] == [
-        "session 1 1 True", "session 2 2 True", "agent exit 0"], done.stdout
+    assert done.stdout.decode().split("\n")[:4] == [
+        "session 1 1 True", "session 2 2 True", "shutdown {'id': 3, 'result': {}}",
+        "agent exit 0"], done.stdout

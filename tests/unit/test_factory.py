@@ -14,7 +14,7 @@ from hull.config import settings
 from hull.errors import ConfigError
 from hull.hypervisor.base import Nic, Share, VMConfig
 from hull.hypervisor.qemu import argv
-from hull.runtime import factory, run, sharedfs
+from hull.runtime import factory, layout, sharedfs
 from hull.shim.v2 import pod
 
 
@@ -31,7 +31,7 @@ def opt(args: list[str], flag: str) -> list[str]:
 
 
 def test_template_tags_are_the_runtime_s() -> None:
-    assert factory.TEMPLATE_TAGS == (run.ROOTFS_TAG, sharedfs.SHARE_TAG)
+    assert factory.TEMPLATE_TAGS == (layout.ROOTFS_TAG, sharedfs.SHARE_TAG)
     assert pod.SHARE_TAG == sharedfs.SHARE_TAG
 
 
@@ -90,6 +90,23 @@ def test_clone_config_backs_the_template_nics_with_the_sandbox_taps(tmp_path: Pa
     assert opt(args, "-netdev") == ["tap,id=net0,fd=5"]
     assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
             in opt(args, "-device"))
+
+
+def test_pooled_clone_nics_are_hub_ports(tmp_path: Path) -> None:
+    """A pooled clone's NICs wait on network hubs for the lessee's taps; the template
+    and a cold clone have none (the backend is not in the device state)."""
+    clone = factory.clone_config(vm(), template(tmp_path), 7, pooled=True)
+    assert [n.hub for n in clone.nics] == list(range(factory.TEMPLATE_NICS))
+    args = argv.build("q", clone, argv.Fds(3, 4))
+    assert opt(args, "-netdev") == [f"hubport,id=net{i},hubid={i}"
+                                    for i in range(factory.TEMPLATE_NICS)]
+    assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
+            in opt(args, "-device"))
+    # A tap given on the command line wins over the hub.
+    tapped = factory.clone_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)),
+                                  factory.load(tmp_path), 7, pooled=True)
+    assert opt(argv.build("q", tapped, argv.Fds(3, 4)), "-netdev")[0] == "tap,id=net0,fd=5"
+    assert factory.device_macs(1) == (factory.template_mac(0),)
 
 
 @pytest.mark.parametrize("kw", [{"nics": tuple(Nic(f"02:00:00:00:00:0{i}", 5 + i)
@@ -180,3 +197,16 @@ def test_factory_config_defaults_off_and_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pool_size"):
         settings.load(bad)
     assert config.factory.auto_rebuild is True
+
+
+def test_status_lists_template_directories_only(tmp_path: Path) -> None:
+    config = settings.Config()
+    config.factory.template_dir = str(tmp_path)
+    (tmp_path / "t1").mkdir()
+    template(tmp_path / "t1")
+    (tmp_path / "pool.sock").write_bytes(b"")  # the pool daemon's socket, its lock
+    (tmp_path / "pool.lock").write_bytes(b"")
+    (tmp_path / "broken").mkdir()
+    listed = {path.name: why for path, _, why in factory.templates(config)}
+    assert listed.keys() == {"t1", "broken"}
+    assert listed["t1"] == "ok"

@@ -385,11 +385,15 @@ def test_patches_load_common_then_arch(tmp_path: Path) -> None:
 def test_shipped_lapic_patch_adds_the_parameter_argv_passes() -> None:
     from hull.hypervisor.qemu import argv
 
-    patches = kernel.load_patches("x86_64")
-    assert [p.name for p in patches] == ["patches/x86_64/lapic-timer-hz.patch"]
-    text = patches[0].text
-    assert text.startswith("--- a/arch/x86/kernel/apic/apic.c\n+++ b/arch/x86/kernel/apic/")
-    assert '+early_param("lapic_timer_hz", parse_lapic_timer_hz);' in text
+    patches = {p.name.rsplit("/", 1)[1]: p.text for p in kernel.load_patches("x86_64")}
+    assert sorted(patches) == ["initmem-poison.patch", "lapic-timer-hz.patch"]
+    lapic, poison = patches["lapic-timer-hz.patch"], patches["initmem-poison.patch"]
+    assert lapic.startswith("--- a/arch/x86/kernel/apic/apic.c\n+++ b/arch/x86/kernel/apic/")
+    assert poison.startswith("--- a/arch/x86/mm/init.c\n+++ b/arch/x86/mm/init.c\n")
+    params = {p.split("=")[0] for p in argv.X86_TCG_KERNEL_PARAMS}
+    assert params == {"lapic_timer_hz", "initmem_poison"}
+    for name, text in (("lapic_timer_hz", lapic), ("initmem_poison", poison)):
+        assert f'+early_param("{name}", parse_{name});' in text
     assert argv.QEMU_APIC_TIMER_HZ == 10**9
     assert kernel.load_patches("aarch64") == []
 

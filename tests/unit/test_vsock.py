@@ -198,15 +198,16 @@ def test_vsock_argv_needs_the_device_fd() -> None:
         argv.build("q", vm(channel=ChannelKind.VSOCK), argv.Fds(-1, 4))
 
 
-def test_lapic_timer_hz_only_under_tcg_on_x86() -> None:
+def test_kernel_patch_parameters_only_under_tcg_on_x86() -> None:
     def cmdline(**kw: Any) -> list[str]:
         args = argv.build("q", vm(**kw), argv.Fds(3, 4))
         return args[args.index("-append") + 1].split()
 
-    assert "lapic_timer_hz=1000000000" in cmdline(accel=Accel.TCG)
-    assert "lapic_timer_hz=1000000000" in cmdline(accel=Accel.TCG, machine_type="q35")
-    assert not any(w.startswith("lapic_timer_hz") for w in cmdline(accel=Accel.KVM))
-    assert not any(w.startswith("lapic_timer_hz") for w in cmdline(machine_type="virt"))
+    tcg = ["lapic_timer_hz=1000000000", "initmem_poison=0"]
+    assert cmdline(accel=Accel.TCG)[-3:-1] == tcg  # microvm's pci=off comes last
+    assert cmdline(accel=Accel.TCG, machine_type="q35")[-2:] == tcg
+    for words in (cmdline(accel=Accel.KVM), cmdline(machine_type="virt")):
+        assert not any(w.startswith(("lapic_timer_hz", "initmem_poison")) for w in words)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,3 +358,20 @@ def test_hull_check_reports_the_channel() -> None:
     assert not required.ok and "/dev/vhost-vsock" in required.detail
     config.hypervisor.channel = "virtio-serial"
     assert check_channel(config).detail == "virtio-serial (hypervisor.channel)"
+
+
+@pytest.mark.skipif(os.path.exists(vsock.VHOST_VSOCK), reason="this host has vhost-vsock")
+async def test_vm_start_without_vhost_vsock_fails_and_closes_everything(
+        tmp_path: Path) -> None:
+    from hull.hypervisor.qemu.machine import QemuVM
+
+    before = set(os.listdir("/proc/self/fd"))
+    config = VMConfig(name="v", kernel=Path("/k"), initrd=Path("/i"),
+                      console_log=tmp_path / "console.log", channel=ChannelKind.VSOCK)
+    machine = QemuVM("/bin/true", config)
+    with pytest.raises(HypervisorError, match="cannot open /dev/vhost-vsock"):
+        await machine.start()
+    assert machine.pid is None
+    with pytest.raises(HypervisorError, match="vm v is not running"):
+        await machine.connect_agent(1.0)
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -10,14 +10,15 @@ import logging
 import os
 from pathlib import Path
 
+from hull.agentapi import schema
 from hull.cli.context import Context, setup_logging
 from hull.config.annotations import apply_annotations
 from hull.errors import HullError
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
 from hull.runtime import proxyd, sharedfs, shim, sizing
+from hull.runtime.layout import Files, rootfs_request
 from hull.runtime.lifecycle import oci_state, shared_dir
-from hull.runtime.run import ROOTFS_TAG, rootfs_share
 from hull.runtime.state import ContainerDir
 
 log = logging.getLogger("hull")
@@ -58,12 +59,15 @@ def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
         config = sizing.for_spec(apply_annotations(ctx.config, bundle.annotations),
                                  bundle.spec)
         network = netns.choose(bundle.spec)  # refuses the host's network namespace
+        # The rootfs and the bind sources; `hull create` unmounts them if we fail.
+        files = Files.of(config, bundle, shared_dir(cdir), cdir.id)
+        shares = files.before_boot()
     except HullError as exc:
         log.error("%s", exc)
         os.write(args.ready_fd, f"{exc}\n".encode())
         return 1
-    shares = (rootfs_share(bundle), *sharedfs.shares(shared_dir(cdir)))
-    return asyncio.run(proxyd.serve(config, ctx.root, cdir, shares, args.ready_fd, network))
+    return asyncio.run(proxyd.serve(config, ctx.root, cdir, shares, args.ready_fd, network,
+                                    after_boot=files.after_boot))
 
 
 def run_shim(ctx: Context, args: argparse.Namespace) -> int:
@@ -75,11 +79,12 @@ def run_shim(ctx: Context, args: argparse.Namespace) -> int:
     try:
         if args.bundle:
             bundle = oci_bundle.load(args.bundle)
+            # What the proxy staged decides (hull.runtime.layout).
             spec = sharedfs.guest_spec(bundle.spec, shared_dir(cdir), cdir.id)
             # The hooks' state: this shim's pid is the container's (runc gives the init's).
             state = {**oci_state(cdir.load()), "pid": os.getpid()}
-            payload = {"spec": spec, "state": state,
-                       "rootfs": {"tag": ROOTFS_TAG, "readonly": bundle.readonly_rootfs}}
+            payload = {"spec": spec, "state": state, "rootfs": schema.params(
+                rootfs_request(bundle, shared_dir(cdir), cdir.id))}
             terminal = bundle.terminal
         else:
             process = json.loads(Path(args.process).read_text())

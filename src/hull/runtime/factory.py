@@ -24,7 +24,11 @@ firmware tables listed at its boot), so every template has TEMPLATE_NICS virtio-
 devices without a backend. A clone gives the first ones the taps of its network
 namespace on its command line (the backend is not part of the device state); the guest
 devices still have the template's MACs (template_mac), and configure_network gives them
-the veths' (agentapi.network.Interface.device_mac). Unused devices stay down.
+the veths' (agentapi.network.Interface.device_mac). Unused devices stay down. A pooled
+clone is restored before anyone knows whose taps it will get: its NICs are each a port
+of a QEMU network hub, and the leasing sandbox's tap joins that hub over QMP
+(hull.runtime.pool). The backend is not in the device state either way: one template
+serves both.
 
 Sizes: the template key holds vCPUs and memory, so a sandbox sized from its limits or
 its pod's annotations needs a template of its size. With the factory enabled, memory is
@@ -67,7 +71,7 @@ TEMPLATE_NICS = 1
 #: The spare NICs' host_mtu: the guest's maximum MTU (configure_network sets the veth's).
 TEMPLATE_MTU = 65535
 #: The 9p devices every template has, in order: the rootfs of `hull run`/`create`
-#: (hull.runtime.run.ROOTFS_TAG) and the shared directory of bind mounts and pods.
+#: (hull.runtime.layout.ROOTFS_TAG) and the shared directory of bind mounts and pods.
 TEMPLATE_TAGS = ("hullroot", SHARE_TAG)
 #: A QEMU migration stream starts with "QEVM".
 STATE_MAGIC = b"QEVM"
@@ -117,8 +121,17 @@ def template_mac(index: int) -> str:
     return f"02:68:75:6c:6c:{index:02x}"
 
 
-def spare_nics() -> tuple[Nic, ...]:
-    return tuple(Nic(template_mac(i), -1, TEMPLATE_MTU) for i in range(TEMPLATE_NICS))
+def spare_nics(hubs: bool = False) -> tuple[Nic, ...]:
+    """The template's NICs, without a backend, or with ``hubs`` each on a network hub of
+    its own (hub i for NIC i) that a tap can join later (a pooled clone)."""
+    return tuple(Nic(template_mac(i), -1, TEMPLATE_MTU, hub=i if hubs else -1)
+                 for i in range(TEMPLATE_NICS))
+
+
+def device_macs(count: int) -> tuple[str, ...]:
+    """The MACs a clone's first ``count`` NICs have (the template's: configure_network
+    gives them the veths')."""
+    return tuple(template_mac(i) for i in range(count))
 
 
 def key_id(key: dict[str, Any]) -> str:
@@ -212,11 +225,13 @@ def vm_binary(config: Config) -> str:
     return resolve_binary(config.hypervisor.path)
 
 
-def clone_config(vm: VMConfig, template: Template, state_fd: int) -> VMConfig:
+def clone_config(vm: VMConfig, template: Template, state_fd: int,
+                 pooled: bool = False) -> VMConfig:
     """``vm`` as a clone of ``template``: the template's devices, each 9p device exported
     from this sandbox's directory of the same tag, the first NICs backed by the sandbox's
     taps. Unusable when ``vm`` needs devices the template lacks (more NICs, a share of
-    another tag)."""
+    another tag). ``pooled``: the NICs without a tap are on network hubs, for the taps of
+    the sandbox that will lease the clone (hull.runtime.pool)."""
     if len(vm.nics) > TEMPLATE_NICS:
         raise Unusable(f"the sandbox has {len(vm.nics)} network interfaces (templates "
                        f"have {TEMPLATE_NICS})")
@@ -229,7 +244,7 @@ def clone_config(vm: VMConfig, template: Template, state_fd: int) -> VMConfig:
                    for tag in TEMPLATE_TAGS)
     return dataclasses.replace(vm, shares=shares, memory_file=template.ram,
                                memory_shared=False, incoming_fd=state_fd,
-                               nics=(*nics, *spare_nics()[len(nics):]))
+                               nics=(*nics, *spare_nics(hubs=pooled)[len(nics):]))
 
 
 def template_config(vm: VMConfig, path: Path) -> VMConfig:
@@ -323,8 +338,8 @@ def templates(config: Config) -> list[tuple[Path, Template | None, str]]:
     if not base.is_dir():
         return out
     for path in sorted(base.iterdir()):
-        if path.name.startswith("."):
-            continue
+        if path.name.startswith(".") or not path.is_dir():
+            continue  # the pool's socket, lock files
         try:
             template = load(path)
             check(template)

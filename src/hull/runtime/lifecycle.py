@@ -28,7 +28,7 @@ from hull.config.settings import Config
 from hull.errors import ContainerNotFound, HullError, InvalidState
 from hull.network import host as netns
 from hull.oci.bundle import Bundle
-from hull.runtime import client, hooks, sharedfs
+from hull.runtime import client, hooks
 from hull.runtime.state import ContainerDir, ContainerState, Status, alive, start_time
 
 log = logging.getLogger("hull.lifecycle")
@@ -61,8 +61,8 @@ class Runtime:
                     created=now(), annotations=bundle.annotations, owner=owner())
                 cdir.save(state)
                 crash_point("create:saved")
-                # Host sources of bind mounts, staged for the VM's share before it boots.
-                sharedfs.stage(bundle.spec, bundle.path, shared_dir(cdir), container_id)
+                # The proxy shares the rootfs and the bind sources with the VM
+                # (hull.runtime.layout); self.teardown() and cdir.remove() undo them.
                 state.proxy_pid = self.spawn(cdir, ["proxy", "--bundle", str(bundle.path),
                                                     container_id], daemon=True)
                 crash_point("create:proxy-started")

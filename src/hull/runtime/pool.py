@@ -19,16 +19,24 @@ before anyone asks for it. The daemon makes that directory a mount point with sh
 propagation; the lessee binds it onto its own (empty) share directory, so every bind it
 makes there later (a pod's container rootfs, staged bind mounts) propagates into the
 directory QEMU exports. So the pool serves sandboxes whose only share is the pod
-layout's (shim v2 pods), of the default size and without NICs (their taps are made in
-the sandbox's network namespace, after the clone started): the others restore a clone
-of their own.
+layout's (shim v2 pods) and of the default size: the others restore a clone of their own.
+
+Network. A sandbox's taps are made in its network namespace (hull.network.host), after
+the clone was restored, so a pooled clone's NICs are each a port of a QEMU network hub
+of their own (factory.spare_nics(hubs=True)). The lessee sends its taps with the take
+request (SCM_RIGHTS); the daemon passes each to the clone's QEMU (QMP getfd) and joins
+it to the NIC's hub (netdev_add tap + hubport: QemuVM.attach_tap) before handing the
+clone over. The taps stay the lessee's: its tc filters redirect the veths to them as
+for any sandbox, and it removes them when it ends; QEMU's copy goes with QEMU, which
+ends with the lease.
 
 Stopping. ``hull factory destroy`` asks the daemon to stop: it stops refilling, kills
 its idle clones and exits as soon as no lease is left (running sandboxes are not
 disturbed, as with the templates themselves).
 
-Protocol: JSON lines. Take: ``{"take": key_id, "name": sandbox}`` -> ``{"slot": path,
-"pid": n}`` with the agent socket attached, or ``{"error": why}``. Then, on the lease:
+Protocol: JSON lines. Take: ``{"take": key_id, "name": sandbox, "taps": n}`` with the n
+tap fds attached -> ``{"slot": path, "pid": n}`` with the agent socket attached, or
+``{"error": why}``. Then, on the lease:
 ``{"id": n, "qmp": command}`` -> ``{"id": n, "return": {...}}`` or ``{"id": n, "error":
 why}``; ``{"event": "exit", "status": n, "reason": why}`` when QEMU ends. Other
 requests: ``{"status": true}`` -> counts; ``{"stop": true}``.
@@ -57,7 +65,7 @@ from hull.config.settings import Config
 from hull.errors import HullError, HypervisorError
 from hull.hypervisor.base import Capability, Hypervisor, Share, VMConfig
 from hull.hypervisor.qemu.machine import QemuVM, tail_lines
-from hull.runtime import factory, sharedfs
+from hull.runtime import factory, sharedfs, warmup
 
 log = logging.getLogger("hull.pool")
 SOCKET = "pool.sock"
@@ -67,6 +75,12 @@ SLOTS = ".pool"
 LEASE_COMMANDS = frozenset({"stop", "cont", "quit", "query-status"})
 #: Seconds between checks of the template (a rebuild, a new key) and refills.
 CHECK_EVERY = 2.0
+#: Seconds without a take before refilling: a burst of sandboxes (ten pods at once) does
+#: not share the CPU with the restores of their replacements.
+REFILL_QUIET = 1.0
+#: The longest request line, and how long a client may take to send it.
+MAX_LINE = 4096
+REQUEST_TIMEOUT = 5.0
 MS_BIND, MS_SHARED, MNT_DETACH = 0x1000, 1 << 20, 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -98,8 +112,38 @@ def pooled_vm(config: Config, name: str, share: Path, console_log: Path) -> VMCo
 
 
 def fits(vm: VMConfig) -> bool:
-    """Whether a pooled clone can serve ``vm``: no NICs, only the pod layout's share."""
-    return not vm.nics and [s.tag for s in vm.shares] == [sharedfs.SHARE_TAG]
+    """Whether a pooled clone can serve ``vm``: no more NICs than it has (each a tap),
+    only the pod layout's share."""
+    return (len(vm.nics) <= factory.TEMPLATE_NICS and all(n.tap_fd >= 0 for n in vm.nics)
+            and [s.tag for s in vm.shares] == [sharedfs.SHARE_TAG])
+
+
+def recv_line(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
+    """One line from the blocking ``sock`` and the fds that came with it (SCM_RIGHTS).
+    Byte by byte: nothing after the line is consumed (it belongs to whoever reads the
+    socket next, asyncio). ValueError for an overlong line or more than ``max_fds`` fds
+    (the kernel closed the extra ones: the request is refused, never half-served)."""
+    fds = array.array("i")
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            if len(data) > MAX_LINE:
+                raise ValueError(f"request line longer than {MAX_LINE} bytes")
+            chunk, ancdata, flags, _ = sock.recvmsg(
+                1, socket.CMSG_SPACE(max(max_fds, 1) * fds.itemsize))
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+                raise ValueError(f"more than {max_fds} file descriptors sent")
+            if not chunk:
+                break
+            data += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data, list(fds)
 
 
 # ---------------------------------------------------------------------------- daemon
@@ -124,7 +168,9 @@ class Daemon:
         self.idle: list[Slot] = []
         self.leased: set[str] = set()
         self.stopping = asyncio.Event()
+        self.clients: set[asyncio.Task[None]] = set()
         self.last_error = ""
+        self.last_take = 0.0  # time.monotonic() of the last lease
         self.base = factory.root(config) / SLOTS
 
     async def run(self) -> None:
@@ -133,19 +179,26 @@ class Daemon:
             _remove_slot(stale)
         path = socket_path(self.config)
         path.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(self._client, str(path))
+        # A listening socket of its own, not asyncio's server: a take request carries
+        # the lessee's taps, and asyncio's streams would drop them (no recvmsg).
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(str(path))
+        listener.listen(64)
+        listener.setblocking(False)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         filler = asyncio.create_task(self._fill())
+        accepter = asyncio.create_task(self._accept(listener))
         try:
             await self.stopping.wait()
         finally:
-            server.close()
+            for task in (accepter, filler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            listener.close()
             path.unlink(missing_ok=True)
-            filler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await filler
             for slot in self.idle:
                 await self._discard(slot)
             self.idle.clear()
@@ -161,14 +214,17 @@ class Daemon:
                 for slot in [s for s in self.idle if s.key != key]:
                     self.idle.remove(slot)  # made from a template that is not current
                     await self._discard(slot)
-                while len(self.idle) < self.config.factory.pool_size:
+                while (len(self.idle) < self.config.factory.pool_size
+                       and time.monotonic() - self.last_take >= REFILL_QUIET):
                     self.idle.append(await self._restore(key))
                 self.last_error = ""
             except (HullError, factory.Unusable, OSError) as exc:
                 if str(exc) != self.last_error:
                     log.warning("pool: cannot restore a clone: %s", exc)
                 self.last_error = str(exc)
-            await asyncio.sleep(CHECK_EVERY)
+            # Soon again when only the quiet time held a refill back (never after a failure).
+            waiting = len(self.idle) < self.config.factory.pool_size and not self.last_error
+            await asyncio.sleep(REFILL_QUIET / 2 if waiting else CHECK_EVERY)
 
     async def _restore(self, key: str) -> Slot:
         slot_id = secrets.token_hex(4)
@@ -185,10 +241,13 @@ class Daemon:
             fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 qemu = QemuVM(self.config.hypervisor.path,
-                              factory.clone_config(vm, template, fd))
+                              factory.clone_config(vm, template, fd, pooled=True))
                 try:
                     await qemu.start()
                     await qemu.wait_restored(self.config.factory.restore_timeout)
+                    warm = await warmup.warm_up(
+                        await qemu.connect_agent(self.config.hypervisor.boot_timeout),
+                        share, slot_id, self.config.factory.restore_timeout)
                 except BaseException:
                     await qemu.stop(timeout=1.0)
                     raise
@@ -197,19 +256,38 @@ class Daemon:
         except BaseException:
             _remove_slot(path)
             raise
-        log.debug("pool: clone %s ready (pid %s)", slot_id, qemu.pid)
+        log.debug("pool: clone %s ready (pid %s), warmed up in %.3fs", slot_id, qemu.pid,
+                  warm)
         return Slot(slot_id, path, key, qemu)
 
     async def _discard(self, slot: Slot) -> None:
         await slot.vm.stop(timeout=1.0)
         _remove_slot(slot.path)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = asyncio.create_task(self._client(conn))
+            self.clients.add(task)  # a reference, until it is done (leases outlive run())
+            task.add_done_callback(self.clients.discard)
+
+    async def _client(self, conn: socket.socket) -> None:
+        fds: list[int] = []
         try:
-            request = json.loads(await reader.readline() or b"{}")
+            conn.settimeout(REQUEST_TIMEOUT)
+            line, fds = await asyncio.to_thread(recv_line, conn, factory.TEMPLATE_NICS)
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except (OSError, ValueError) as exc:
+            log.warning("pool: bad request: %s", exc)
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            return
+        try:
+            request = json.loads(line or b"{}")
             if "take" in request:
-                await self._lease(request, reader, writer)
+                await self._lease(request, fds, reader, writer)
             elif request.get("stop"):
                 self.stopping.set()
                 await _send(writer, {"stopping": True, "leased": len(self.leased)})
@@ -221,19 +299,32 @@ class Daemon:
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("pool: bad request: %s", exc)
         finally:
+            for fd in fds:
+                os.close(fd)
             writer.close()
 
-    async def _lease(self, request: dict[str, Any], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _lease(self, request: dict[str, Any], taps: list[int],
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         slot = next((s for s in self.idle if s.key == request["take"]), None)
         if slot is None or self.stopping.is_set():
             why = self.last_error or "no pooled clone is ready"
             await _send(writer, {"error": why if slot is None else "the pool is stopping"})
             return
+        if len(taps) != request.get("taps", 0):
+            await _send(writer, {"error": f"{request.get('name')}: {len(taps)} taps came "
+                                          f"with a request for {request.get('taps')}"})
+            return
         self.idle.remove(slot)
         self.leased.add(slot.id)
+        self.last_take = time.monotonic()
         log.debug("pool: clone %s leased to %s", slot.id, request.get("name"))
         try:
+            try:
+                for hub, tap in enumerate(taps):
+                    await slot.vm.attach_tap(hub, tap)
+            except HypervisorError as exc:  # half-connected: discarded, never handed out
+                await _send(writer, {"error": str(exc)})
+                return
             agent = await slot.vm.connect_agent(1.0)
             data = json.dumps({"slot": str(slot.path), "pid": slot.vm.pid}).encode() + b"\n"
             # A few bytes on an idle socket: sendmsg does not block. Through a dup, as the
@@ -358,21 +449,26 @@ def stop(config: Config, timeout: float = 10.0) -> str:
 
 
 async def take(config: Config, vm: VMConfig, name: str) -> PooledVM:
-    """Lease a pooled clone for ``vm`` (which must fit()); PoolError says why not."""
+    """Lease a pooled clone for ``vm`` (which must fit()), its NICs' taps joined to the
+    clone's; PoolError says why not."""
     key = factory.key_id(factory.template_key(vm, factory.vm_binary(config)))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    taps = [nic.tap_fd for nic in vm.nics]
     try:
         # The answer carries the fd: read it with recvmsg before asyncio owns the socket.
-        data, fds = await asyncio.to_thread(_take, sock, config, key, name)
+        data, fds = await asyncio.to_thread(_take, sock, config, key, name, taps)
         answer = json.loads(data or b"{}")
         if "error" in answer or not fds:
             for fd in fds:
                 os.close(fd)
             raise PoolError(answer.get("error") or "the pool daemon went away")
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-    except OSError as exc:
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
         raise PoolError(f"no pool daemon ({exc.strerror}): {ensure(config)}") from None
+    except (OSError, ValueError) as exc:  # a timeout, a garbled answer
+        sock.close()
+        raise PoolError(f"pool daemon {socket_path(config)}: {exc}") from None
     except BaseException:
         sock.close()
         raise
@@ -380,24 +476,16 @@ async def take(config: Config, vm: VMConfig, name: str) -> PooledVM:
     return PooledVM(name, reader, writer, agent, Path(answer["slot"]), int(answer["pid"]))
 
 
-def _take(sock: socket.socket, config: Config, key: str, name: str
+def _take(sock: socket.socket, config: Config, key: str, name: str, taps: list[int]
           ) -> tuple[bytes, list[int]]:
-    """Ask for a clone; the answer line and the fds attached to it."""
-    sock.settimeout(5.0)
+    """Ask for a clone, sending ``taps``; the answer line and the fd attached to it."""
+    sock.settimeout(REQUEST_TIMEOUT)
     sock.connect(str(socket_path(config)))
-    sock.sendall(json.dumps({"take": key, "name": name}).encode() + b"\n")
-    fds = array.array("i")
-    data = b""
-    while not data.endswith(b"\n"):  # byte by byte: nothing of the lease is read
-        chunk, ancdata, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * fds.itemsize))
-        if not chunk:
-            break
-        data += chunk
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    request = json.dumps({"take": key, "name": name, "taps": len(taps)}).encode() + b"\n"
+    socket.send_fds(sock, [request], taps)  # a short line: sent whole
+    data, fds = recv_line(sock, 1)
     sock.settimeout(None)
-    return data, list(fds)
+    return data, fds
 
 
 class PooledVM(Hypervisor):

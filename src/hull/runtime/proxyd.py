@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +70,11 @@ def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
 
 async def serve(config: Config, root: Path, cdir: ContainerDir,
                 shares: tuple[Share, ...], ready_fd: int,
-                network: netns.Choice | None = None) -> int:
+                network: netns.Choice | None = None,
+                after_boot: Callable[[], None] | None = None) -> int:
+    """Boot the sandbox, serve its clients until it stops; the exit status.
+    ``after_boot`` runs once the sandbox has its VM, before the handshake (the pod
+    layout's binds, hull.runtime.layout)."""
     # Imported here: CLI commands import this module for connect(), and need neither.
     from hull.proxy.router import Router
     from hull.runtime import sandboxinfo
@@ -102,6 +106,8 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
     server: asyncio.base_events.Server | None = None
     try:
         await sandbox.boot()
+        if after_boot is not None:
+            after_boot()
         await router.attach(await sandbox.agent_connection())
         router.hello_reply = schema.params(await sandbox.handshake(router.call))
         sandboxinfo.record(cdir.path, sandbox)  # for `hull monitor`

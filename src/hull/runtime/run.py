@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import termios
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,17 +23,16 @@ from typing import Any
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HypervisorError
-from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci.bundle import Bundle
-from hull.runtime import hooks, sharedfs, sizing
+from hull.runtime import hooks, sizing
+from hull.runtime.layout import Files, rootfs_request
 from hull.runtime.lifecycle import network_record, oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
 from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
 from hull.runtime.stdio import HostStdio, ProcessIO
 
 log = logging.getLogger("hull.run")
-ROOTFS_TAG = "hullroot"
 #: How long create_container and start_container may take, besides the guest's hooks.
 CALL_TIMEOUT = 30.0
 #: Signals `hull run` passes on to the container process (as runc's signal forwarding).
@@ -40,10 +40,6 @@ FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signa
              signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP,
              signal.SIGTTIN, signal.SIGTTOU, signal.SIGURG, signal.SIGXCPU, signal.SIGXFSZ,
              signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGSYS)
-
-
-def rootfs_share(bundle: Bundle) -> Share:
-    return Share(ROOTFS_TAG, bundle.rootfs, readonly=bundle.readonly_rootfs)
 
 
 @contextlib.contextmanager
@@ -79,8 +75,19 @@ def with_console_size(bundle: Bundle, spec: dict[str, Any] | None = None
     return out
 
 
+def process_started() -> float | None:
+    """When this process started, on time.monotonic()'s clock (to a clock tick), for
+    the "host start" phase: python's start and hull's imports. None if unknown."""
+    started = start_time(os.getpid())
+    if started is None:
+        return None
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - age
+
+
 async def run_container(config: Config, root: Path, container_id: str, bundle: Bundle) -> int:
-    timeline = Timeline()
+    timeline = Timeline(process_started())
+    timeline.mark("host start")
     cdir = ContainerDir(root, container_id)
     cdir.create()
     try:
@@ -100,15 +107,16 @@ async def run_container(config: Config, root: Path, container_id: str, bundle: B
 async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: ContainerState,
                      bundle: Bundle, timeline: Timeline) -> int:
     cid = cdir.id
-    # Host sources of bind mounts (run_container's cdir.remove() unmounts them).
-    staging = shared_dir(cdir)
-    spec = sharedfs.stage(bundle.spec, bundle.path, staging, cid)
+    # The rootfs and the host sources of bind mounts (run_container's cdir.remove()
+    # unmounts what the sandbox's teardown left).
+    files = Files.of(config, bundle, shared_dir(cdir), cid)
+    shares = files.before_boot()
     timeline.mark("setup")
-    shares = (rootfs_share(bundle), *sharedfs.shares(staging))
     async with Sandbox(config, cid, cdir.console_log, shares, state_root=root,
                        network=netns.choose(bundle.spec),
                        network_record=network_record(cdir)) as sandbox:
         timeline.mark("boot")
+        files.after_boot()
         assert sandbox.channel is not None and sandbox.vm is not None
         state.vm_pid = sandbox.vm.pid or 0
         exited = sandbox.exit_future(cid)
@@ -119,8 +127,8 @@ async def _run_in_vm(config: Config, root: Path, cdir: ContainerDir, state: Cont
         await _hooks(bundle, state, *hooks.FATAL)
         guest = hooks.guest_hooks(bundle.spec, oci_state(state))
         io = ProcessIO.open(sandbox.channel, HostStdio(terminal=bundle.terminal))
-        request = schema.CreateContainer(cid, with_console_size(bundle, spec),
-                                         schema.RootfsShare(ROOTFS_TAG, bundle.readonly_rootfs),
+        request = schema.CreateContainer(cid, with_console_size(bundle, files.guest_spec()),
+                                         rootfs_request(bundle, files.staging, cid),
                                          io.streams, guest)
         await sandbox.call(schema.Method.CREATE_CONTAINER, request,
                            timeout=CALL_TIMEOUT + hooks.guest_wait(guest.create_container))

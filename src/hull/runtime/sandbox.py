@@ -90,8 +90,12 @@ class BootProfile:
     )
 
     def __init__(self, spawn: float, qemu: float, ready: float,
-                 guest: dict[str, float]) -> None:
+                 guest: dict[str, float], restore: tuple[tuple[str, float], ...] = ()
+                 ) -> None:
         self.spawn, self.qemu, self.ready, self.guest = spawn, qemu, ready, guest
+        #: a clone's host marks (phase, time it ended) until the VM ran: its guest marks
+        #: are the template's boot, not this sandbox's (hull.runtime.factory)
+        self.restore = restore
 
     @property
     def total(self) -> float:
@@ -100,6 +104,13 @@ class BootProfile:
     def phases(self) -> list[tuple[str, float]]:
         """(phase, seconds) in order; phases whose marks the agent did not send are left
         out (an older agent sends none: then the boot is one "guest" phase)."""
+        if self.restore:
+            out: list[tuple[str, float]] = []
+            last = self.spawn
+            for name, at in self.restore:
+                out.append((name, at - last))
+                last = at
+            return [*out, ("hello", self.ready - last)]
         out = [("qemu start", self.qemu - self.spawn)]
         hello = self.guest.get("hello")
         last = self.qemu
@@ -121,10 +132,12 @@ class BootProfile:
 
 
 class Timeline:
-    """Named checkpoints (time.monotonic) and the time between them, for --debug logs."""
+    """Named checkpoints (time.monotonic) and the time between them, for --debug logs.
+    ``since``: when the time line starts (default: now)."""
 
-    def __init__(self) -> None:
-        self.points: list[tuple[str, float]] = [("", time.monotonic())]
+    def __init__(self, since: float | None = None) -> None:
+        self.points: list[tuple[str, float]] = [
+            ("", time.monotonic() if since is None else since)]
 
     def mark(self, name: str) -> None:
         """``name`` is the phase that ends now."""
@@ -165,6 +178,8 @@ class Sandbox:
         self.boot_profile: BootProfile | None = None
         self._started = 0.0
         self._qemu_up = 0.0
+        #: a clone's restore phases (BootProfile.restore)
+        self._restore_marks: list[tuple[str, float]] = []
         #: boot exactly this VM (a template being made, hull.runtime.factory), no clone
         self.template_config: VMConfig | None = None
         #: the template this sandbox was cloned from (None: booted cold)
@@ -267,7 +282,9 @@ class Sandbox:
             clone = factory.clone_config(vm_config, template, fd)
             vm = QemuVM(self.config.hypervisor.path, clone)
             await vm.start()
+            self._restore_marks = [("qemu start", time.monotonic())]
             await vm.wait_restored(self.config.factory.restore_timeout)
+            self._restore_marks.append(("restore", time.monotonic()))
         except (factory.Unusable, HullError) as exc:
             log.warning("sandbox %s: vm template %s did not restore, booting cold: %s%s",
                         self.id, template.path, exc, self._rebuild(vm_config, str(exc)))
@@ -279,17 +296,17 @@ class Sandbox:
             os.close(fd)
         self.vm = vm
         self.cloned_from = template.path
-        self.device_macs = tuple(nic.mac for nic in clone.nics[:len(vm_config.nics)])
+        self.device_macs = factory.device_macs(len(vm_config.nics))
         log.debug("sandbox %s: cloned from %s", self.id, template.path)
         return True
 
     async def _take_pooled(self, vm_config: VMConfig) -> bool:
         """Lease a clone the pool restored ahead of demand (factory.pool_size), for a
         sandbox it can serve (hull.runtime.pool.fits) whose share directory is still
-        empty; False: restore a clone of its own."""
+        empty; its taps join the clone's NICs. False: restore a clone of its own."""
         if not self.config.factory.pool_size:
             return False
-        from hull.runtime import pool
+        from hull.runtime import factory, pool
 
         if not pool.fits(vm_config) or any(vm_config.shares[0].path.iterdir()):
             return False
@@ -307,6 +324,8 @@ class Sandbox:
             return False
         self.vm = vm
         self.cloned_from = vm.slot
+        self._restore_marks = [("lease", time.monotonic())]
+        self.device_macs = factory.device_macs(len(vm_config.nics))
         log.debug("sandbox %s: took the pooled clone %s", self.id, vm.slot)
         return True
 
@@ -400,7 +419,8 @@ class Sandbox:
                             "guest image with `hull image build`")
         ready = time.monotonic()
         self.boot_seconds = ready - self._started
-        self.boot_profile = BootProfile(self._started, self._qemu_up, ready, reply.boot)
+        self.boot_profile = BootProfile(self._started, self._qemu_up, ready, reply.boot,
+                                        tuple(self._restore_marks))
         log.debug("sandbox %s ready in %.3fs: %s", self.id, self.boot_seconds,
                   self.boot_profile.describe())
         await self.configure_network(ask)

@@ -29,9 +29,14 @@ X86_KERNEL_PARAMS = (
 
 #: QEMU's emulated local APIC timer counts at 1 GHz (hw/intel/apic.c: one count per ns
 #: of QEMU_CLOCK_VIRTUAL). Hull's kernel patch (image/patches/x86_64/lapic-timer-hz.patch)
-#: takes it as ``lapic_timer_hz=``, which skips the ~0.1 s calibration under TCG; other
-#: kernels pass the unknown word on to init's environment, where it is harmless.
+#: takes it as ``lapic_timer_hz=``, which skips the ~0.1 s calibration under TCG.
 QEMU_APIC_TIMER_HZ = 1_000_000_000
+#: Under TCG only: the parameters of Hull's x86 kernel patches (image/patches/x86_64/,
+#: docs/performance.md). ``initmem_poison=0``: do not fill freed __init code with 0xcc
+#: (a byte-wise store over translated code: ~0.16 s of TCG's self-modifying-code path).
+#: Other kernels pass these unknown words on to init's environment, where they are
+#: harmless. Under KVM the guest has a TSC-deadline timer and the fill is cheap.
+X86_TCG_KERNEL_PARAMS = (f"lapic_timer_hz={QEMU_APIC_TIMER_HZ}", "initmem_poison=0")
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -62,11 +67,10 @@ class Machine:
 
     def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
         """Kernel parameters this machine needs (console, platform quirks)."""
-        tsc = (f"tsc_early_khz={config.tsc_khz}",) if config.tsc_khz else ()
-        # Under KVM the guest has a TSC-deadline timer and calibrates nothing.
-        lapic = (f"lapic_timer_hz={QEMU_APIC_TIMER_HZ}",) if config.accel is Accel.TCG else ()
         # tsc: the host's, no PIT calibration under TCG
-        return (*X86_KERNEL_PARAMS, *tsc, *lapic)
+        tsc = (f"tsc_early_khz={config.tsc_khz}",) if config.tsc_khz else ()
+        tcg = X86_TCG_KERNEL_PARAMS if config.accel is Accel.TCG else ()
+        return (*X86_KERNEL_PARAMS, *tsc, *tcg)
 
     def cpu(self, accel: Accel) -> str:
         # Under TCG, without ERMS/FSRM: with them the guest kernel and glibc copy and clear
@@ -225,13 +229,16 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
                  "-device", f"{machine.device('9p')},fsdev=fs{i},mount_tag={share.tag}"]
     for i, nic in enumerate(config.nics):
         # The tap is an fd Hull opened: -sandbox spawn=deny rules out QEMU's ifup scripts.
-        # Without one (tap_fd -1: a VM template's spare NIC) the device has no backend.
-        backend = f"netdev=net{i}," if nic.tap_fd >= 0 else ""
+        # Without one, a port of a network hub that a tap joins later (a pooled clone),
+        # or no backend at all (tap_fd -1: a VM template's spare NIC).
+        backend = f"netdev=net{i}," if nic.tap_fd >= 0 or nic.hub >= 0 else ""
         device = f"{machine.device('net')},{backend}mac={nic.mac},host_mtu={nic.mtu}"
         if machine.device_suffix == "-pci":
             device += ",romfile="  # no option ROM (no iPXE): the kernel is booted directly
-        if backend:
+        if nic.tap_fd >= 0:
             argv += ["-netdev", f"tap,id=net{i},fd={nic.tap_fd}"]
+        elif nic.hub >= 0:
+            argv += ["-netdev", f"hubport,id=net{i},hubid={nic.hub}"]
         argv += ["-device", device]
     if config.sandbox:
         argv += ["-sandbox", SANDBOX]

@@ -17,7 +17,6 @@ subcommand"; containerd runtime/v2/binary.go, shim/shim.go):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -28,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 STATE_ROOT_ENV = "HULL_SHIM_ROOT"
@@ -194,6 +194,8 @@ def _kill_pidfile(path: Path) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from hull.config import settings
     from hull.shim import ttrpc
     from hull.shim.v2 import service
@@ -239,12 +241,28 @@ class _TaskId(logging.Filter):
         return True
 
 
+#: Libraries whose debug and info lines are per-message chatter, costly to format (a
+#: netlink message, a QMP exchange): only their warnings are kept.
+CHATTY = ("pyroute2", "qemu.qmp")
+
+
+def _not_chatty(record: logging.LogRecord) -> bool:
+    # A filter, not a level: importing pyroute2 resets its logger's level to NOTSET.
+    return record.levelno >= logging.WARNING or not record.name.startswith(CHATTY)
+
+
 def setup_logging(task_id: str, debug: bool) -> None:
     """Log lines on stderr (containerd's `log` fifo once serving), each with the id."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_TaskId(task_id or "-"))
-    handler.setFormatter(logging.Formatter(
-        "hull-shim %(levelname)s [%(container_id)s] %(name)s: %(message)s"))
+    handler.addFilter(_not_chatty)
+    # containerd copies these lines to its log as they are, without a time of its own:
+    # the shim stamps them (ms: benchmarks/bench_pods.py reads where the time went).
+    formatter = logging.Formatter(
+        "hull-shim %(asctime)s.%(msecs)03dZ %(levelname)s [%(container_id)s] %(name)s: "
+        "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime  # UTC, as containerd's own lines
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Hull's own loggers report through the root handler here (the CLI gives "hull" a
@@ -253,7 +271,6 @@ def setup_logging(task_id: str, debug: bool) -> None:
     hull_logger.handlers.clear()
     hull_logger.propagate = True
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # per-message chatter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "delete":
         return delete(args)
     if args.action == "serve":
+        import asyncio  # only the daemon: `start` runs for every task, and must be quick
+
         return asyncio.run(serve(args))
     print(f"containerd-shim-hull-v2: unknown action {args.action!r}", file=sys.stderr)
     return 2

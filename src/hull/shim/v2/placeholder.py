@@ -7,8 +7,10 @@ container live in the guest, so each task (container) gets a tiny placeholder: `
 infinity`` run in the network namespace the spec names (the CNI netns for a pod's
 sandbox, ``/proc/<sandbox pid>/ns/net`` for its other containers, a new empty one when
 the spec asks for a new namespace without a path). Its argv[0] is ``hull-pause <id>``, so
-a leaked one is easy to find. Exec processes report their container's placeholder pid:
-they have no host process of their own.
+a leaked one is easy to find. The child enters the namespace itself between fork and
+exec (setns, or unshare for a new one): one exec, no nsenter and shell, and a namespace
+it cannot enter fails the spawn at once instead of after a grace period. Exec processes
+report their container's placeholder pid: they have no host process of their own.
 
 The placeholder dies with the shim (PR_SET_PDEATHSIG) and is killed on task delete.
 """
@@ -18,17 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
+import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from hull.errors import HullError
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 
 
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _child_setup(netns_fd: int, new_netns: bool) -> Callable[[], None]:
+    """In the child, between fork and exec: die with the shim, enter the namespace."""
+    def setup() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if netns_fd >= 0 and libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        if new_netns and libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+
+    return setup
 
 
 def network_namespace(spec: dict[str, Any]) -> tuple[bool, str]:
@@ -51,30 +66,33 @@ class Placeholder:
     @classmethod
     async def spawn(cls, task_id: str, spec: dict[str, Any]) -> Placeholder:
         has_netns, path = network_namespace(spec)
-        body = ["bash", "-c", 'exec -a "hull-pause $0" sleep infinity', task_id]
-        if path:
-            argv = ["nsenter", f"--net={path}", "--", *body]
-        elif has_netns:
-            argv = ["unshare", "--net", "--", *body]
-        else:
-            argv = body
-        if not shutil.which(argv[0]):
-            raise HullError(f"task {task_id}: {argv[0]} is not installed")
-        # Started from the event loop's thread: PDEATHSIG follows the thread that forked.
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
-            start_new_session=True)
-        placeholder = cls(proc)
-        # nsenter/unshare fail fast (no such netns); sleep runs forever.
+        sleep = shutil.which("sleep")
+        if not sleep:
+            raise HullError(f"task {task_id}: sleep is not installed")
+        where = path or "(new)"
+        netns_fd = -1
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), 0.05)
-        except TimeoutError:
-            return placeholder
-        assert proc.stderr is not None
-        err = (await proc.stderr.read()).decode(errors="replace").strip()
-        raise HullError(f"task {task_id}: cannot enter network namespace {path or '(new)'}: "
-                        f"{err or f'exit status {proc.returncode}'}")
+            if path:
+                netns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # Started from the event loop's thread: PDEATHSIG follows the thread that
+            # forked. The child's setup runs before subprocess closes the other fds.
+            proc = await asyncio.create_subprocess_exec(
+                f"hull-pause {task_id}", "infinity", executable=sleep,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                preexec_fn=_child_setup(netns_fd, has_netns and not path),
+                start_new_session=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            # A failure in the child (setns refused: not a network namespace) comes back
+            # as a SubprocessError without its errno.
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                   else "setns or unshare failed in the placeholder")
+            raise HullError(f"task {task_id}: cannot enter network namespace {where}: "
+                            f"{why}") from exc
+        finally:
+            if netns_fd >= 0:
+                os.close(netns_fd)
+        return cls(proc)
 
     async def stop(self) -> None:
         if self._proc.returncode is None:

@@ -40,7 +40,7 @@ from hull.hypervisor.base import Share
 from hull.network import host as netns
 from hull.oci import bundle as oci_bundle
 from hull.runtime import sandboxinfo, sharedfs
-from hull.runtime.sandbox import Sandbox
+from hull.runtime.sandbox import Sandbox, Timeline
 from hull.shim.proto import events_pb2, types_pb2
 from hull.shim.v2 import mounts, sizing
 from hull.shim.v2.events import Publisher
@@ -162,7 +162,9 @@ class Pod:
     # ------------------------------------------------------------------ create
 
     async def create(self, req: CreateRequest) -> int:
+        timeline = Timeline()
         async with self._lock:
+            timeline.mark("wait")
             if req.id in self.containers:
                 raise ContainerExists(req.id)
             bundle = Path(req.bundle)
@@ -179,9 +181,11 @@ class Pod:
                     undo.callback(mounts.unmount, rootfs)
                 else:
                     rootfs = oci_bundle.Bundle(bundle, spec).rootfs  # docker: absolute path
+                timeline.mark("rootfs")
                 if self.sandbox is None:
                     self.sandbox_id = sandbox_id
                     await self._boot(req, annotations, spec)
+                    timeline.mark("sandbox")
                 # The share stays writable: the container's init makes its mount points
                 # first (a read-only image such as CRI's pause has no /proc), then the
                 # agent remounts its root read-only when root.readonly says so, as runc.
@@ -195,14 +199,18 @@ class Pod:
                 # Host sources of bind mounts, staged at <shared>/<cid>/mounts (sharedfs).
                 guest_spec = sharedfs.stage(spec, bundle, self.shared, req.id)
                 undo.callback(sharedfs.release, self.shared / req.id / "mounts")
+                timeline.mark("share")
                 placeholder = await Placeholder.spawn(req.id, spec)
+                timeline.mark("placeholder")
                 try:
                     proc = Proc(req.id, "", req.stdio, placeholder.pid)
                     # prestart and createRuntime come before the guest's createContainer.
                     task_hooks = TaskHooks(req.id, bundle, spec, placeholder.pid)
                     await task_hooks.before_create()
+                    timeline.mark("hooks")
                     await self._create_in_guest(req.id, guest_spec, readonly, proc,
                                                 task_hooks)
+                    timeline.mark("guest create")
                 except BaseException:
                     await placeholder.stop()
                     raise
@@ -216,6 +224,7 @@ class Pod:
                         for m in req.rootfs],
                 io=events_pb2.TaskIO(stdin=req.stdio.stdin, stdout=req.stdio.stdout,
                                      stderr=req.stdio.stderr, terminal=req.stdio.terminal)))
+            log.debug("create %s timing: %s", req.id, timeline.describe())
             return proc.pid
 
     async def _boot(self, req: CreateRequest, annotations: dict[str, str],

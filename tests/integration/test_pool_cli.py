@@ -1,0 +1,135 @@
+"""CLI containers (`hull create`, `hull run`) served by the factory's pool of clones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hull.runtime import sharedfs
+from tests.integration.cli_helpers import Cli, become_subreaper, cleanup, reap_all
+from tests.integration.conftest import BundleFactory, Runner
+from tests.integration.test_factory import (
+    COLD,
+    PROBE,
+    pool_factory,
+    pool_status,
+    wait_pool,
+)
+from tests.integration.test_mounts import bind, with_mounts
+
+
+@pytest.fixture
+def pooled(tmp_path: Path, hull: Runner) -> Iterator[Path]:
+    """A configuration whose factory has a template and a pool of one warm clone."""
+    with pool_factory(hull, tmp_path, 1) as config:
+        yield config
+
+
+def own_qemu(cid: str) -> list[str]:
+    """QEMU processes started for sandbox ``cid`` itself (a pooled clone is named after
+    its slot, not after the sandbox that leases it)."""
+    out = subprocess.run(["pgrep", "-af", f"hull-{cid},debug-threads"], capture_output=True,
+                         text=True, check=False).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_cli_create_takes_a_pooled_clone(hull: Runner, bundle: BundleFactory, pooled: Path,
+                                         state_root: Path, tmp_path: Path) -> None:
+    """`hull create` leases the pool's clone: the rootfs and a bind mount reach it through
+    its one share (pod layout, bound after the lease); delete ends the lease, and
+    nothing of the container stays mounted."""
+    become_subreaper()
+    cli = Cli(state_root, tmp_path)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "old").write_text("from the host\n")
+    b = bundle(["sh", "-c", "cat /data/old /etc/hostname-test; echo hi > /data/new; "
+                "echo written > /written; cat /written"],
+               mutate=with_mounts(bind("/data", volume)))
+    (b / "rootfs/etc/hostname-test").write_text("in the rootfs\n")
+    config = ("--config", str(pooled))
+    try:
+        with cleanup(cli, "pc1"):
+            done, out, err = cli.create("pc1", b, extra=config)
+            assert done.returncode == 0, err.read_text()
+            assert not own_qemu("pc1"), "the container restored or booted a VM of its own"
+            assert (pooled_now := pool_status(hull, pooled)) and pooled_now["leased"] == 1
+            assert sharedfs.mounts_under(state_root / "pc1/shared/pc1/rootfs")
+            assert cli("start", "pc1", extra=config).returncode == 0
+            assert cli.wait_status("pc1", "stopped")["status"] == "stopped"
+            assert cli("delete", "pc1", extra=config).returncode == 0
+            assert out.read_text() == "from the host\nin the rootfs\nwritten\n", (
+                out.read_text() + err.read_text())
+        assert (volume / "new").read_text() == "hi\n"
+        assert (b / "rootfs/written").read_text() == "written\n"
+        assert sharedfs.mounts_under(state_root) == [] and not (state_root / "pc1").exists()
+        wait_pool(hull, pooled, idle=1, leased=0)
+        # A proxy killed with SIGKILL ends its lease too; delete --force cleans the rest.
+        with cleanup(cli, "pc2"):
+            done, _, err = cli.create("pc2", b, extra=config)
+            assert done.returncode == 0, err.read_text()
+            wait_pool(hull, pooled, idle=1, leased=1)
+            state = json.loads((state_root / "pc2/state.json").read_text())
+            os.kill(state["proxy_pid"], signal.SIGKILL)
+            wait_pool(hull, pooled, idle=1, leased=0)
+            assert cli("delete", "--force", "pc2").returncode == 0
+        assert sharedfs.mounts_under(state_root) == [] and not (state_root / "pc2").exists()
+        assert not sharedfs.mounts_under(volume)
+    finally:
+        reap_all()
+
+
+def test_cli_run_from_the_pool_is_no_twin(hull: Runner, bundle: BundleFactory, pooled: Path,
+                                          tmp_path: Path) -> None:
+    """`hull run` through pooled clones (warmed up by the pool with a container of its
+    own): each gets fresh entropy, its clock and its hostname before its process runs."""
+    outs = []
+    for name in ("ptwin1", "ptwin2"):
+        log = tmp_path / f"{name}.log"
+        wait_pool(hull, pooled, idle=1, leased=0)
+        done = hull("--config", str(pooled), "--debug", "--log", str(log), "run", "-b",
+                    str(bundle(["sh", "-c", PROBE])), name)
+        assert done.returncode == 0, done.stderr
+        assert COLD not in done.stderr, done.stderr
+        text = log.read_text()
+        assert f"sandbox {name}: took the pooled clone" in text, text
+        assert f"sandbox {name} ready in" in text and "lease" in text
+        outs.append(done.stdout.decode().split())
+    first, second = outs
+    assert first[0] != second[0], "two pooled clones read the same bytes from /dev/urandom"
+    assert first[1] != second[1], "two pooled clones made the same UUID"
+    for out in outs:
+        assert len(out[0]) == 64 and uuid.UUID(out[1])
+        assert abs(int(out[2]) - time.time()) < 30, "the clone's wall clock was not set"
+        assert out[3] == "hulltest"
+    wait_pool(hull, pooled, idle=1, leased=0)
+
+
+def test_pod_layout_without_a_pooled_clone(hull: Runner, bundle: BundleFactory, pooled: Path,
+                                           tmp_path: Path) -> None:
+    """A container the pool cannot serve (a larger size class) keeps the pod layout on a
+    VM of its own: its rootfs, bound within one filesystem, still reaches the guest."""
+    config = tmp_path / "sized.toml"
+    config.write_text(pooled.read_text() + "auto_rebuild = false\n")
+
+    def limited(spec: dict[str, object]) -> None:
+        spec["linux"]["resources"] = {"memory": {"limit": 128 << 20}}  # type: ignore[index]
+
+    log = tmp_path / "sized.log"
+    b = bundle(["sh", "-c", "cat /etc/hostname-test"], mutate=limited)
+    (b / "rootfs/etc/hostname-test").write_text("in the rootfs\n")
+    done = hull("--config", str(config), "--debug", "--log", str(log), "run", "-b", str(b),
+                "psized")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"in the rootfs\n"
+    text = log.read_text()  # --log: the notices go there
+    assert COLD.decode() in text and "took the pooled clone" not in text, text
+    wait_pool(hull, pooled, idle=1, leased=0)
