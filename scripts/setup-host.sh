@@ -15,6 +15,7 @@ packages=(
     qemu-system-arm                                       # arm64 guests under TCG (test_arm64.py)
     linux-source-6.1 build-essential flex bison bc        # hull kernel build
     libelf-dev libssl-dev cpio xz-utils zstd kmod
+    lz4                                                   # hull image build (lz4 initrd)
     python3 python3-venv python3-dev                      # Hull itself
     runc                                                  # benchmarks compare against it
     containerd                                            # shim v2 tests (private instance)

@@ -365,10 +365,10 @@ def test_pool_hands_out_clones_and_destroy_leaves_nothing(
 def test_networked_pod_leases_a_pooled_clone(
         hull: Runner, containerd: Containerd, rootfs_template: Path, one_veth: Net,
         tmp_path: Path) -> None:
-    """A pod with a network leases a pooled clone: its tap, made in the pod's namespace,
-    joins the clone's NIC over QMP (a network hub port); TCP reaches the pod through it.
-    The lease's end, by the pod's end or its shim's SIGKILL, leaves the namespace as it
-    was (no tap, no filters)."""
+    """A pod with a network leases a pooled clone: the clone's tap is moved into the pod's
+    namespace and the veth redirected to it; TCP reaches the pod through it. The lease's
+    end, by the pod's end or its shim's SIGKILL, leaves the namespace as it was (no tap,
+    no filters)."""
     before = one_veth.snapshot()
     with pool_factory(hull, tmp_path, 1) as config:
         restart_with(containerd, config)
@@ -377,7 +377,7 @@ def test_networked_pod_leases_a_pooled_clone(
         run_echo_pod(containerd, rootfs, one_veth, "npool")
         assert not qemu_of("npool"), "the pod booted or restored a VM of its own"
         wait_pool(hull, config, idle=1, leased=1)
-        assert hull_filters(one_veth) and "hulltap" in ip("link", netns=one_veth.ctr)
+        assert hull_filters(one_veth) and "hullp" in ip("link", netns=one_veth.ctr)
         echo_through(one_veth, "through-the-pool")
         wait_status(containerd, "npool", "STOPPED")
         containerd.ctr("task", "delete", "npool")

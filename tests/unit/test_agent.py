@@ -333,6 +333,12 @@ def test_exec_into_running_container(agent: Agent) -> None:
     missing = agent.exec("c", "e2", process(["nope"]), {"stdout": 13})
     assert missing.error_kind == schema.ErrorKind.FAILED
     assert "nope" in missing.error_message
+    # A path is left to execve (no stat of its own): the same errors, the id stays free.
+    for path, error in (("/bin/nope", "no such file or directory"),
+                        ("/tmp", "permission denied")):
+        failed = agent.exec("c", "e2", process([path]), {"stdout": 14})
+        assert failed.error_kind == schema.ErrorKind.FAILED, failed
+        assert failed.error_message.endswith(f'exec: "{path}": {error}'), failed
     agent.ok("signal_process", {"container_id": "c", "signal": 9})
     assert agent.wait_exit("c").status == 137
     stopped = agent.exec("c", "e3", process(["true"]), {})

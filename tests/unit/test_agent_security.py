@@ -224,6 +224,31 @@ def test_user_namespace_mapping(agent: Agent, tmp_path: Path, share_dir: Path) -
     assert out.split() == ["0", "100000", "65536", "0", "100000", "65536", "0"]
 
 
+def test_exec_joins_the_containers_user_and_pid_namespaces(agent: Agent, tmp_path: Path,
+                                                          share_dir: Path) -> None:
+    """The agent forks an exec straight into the init's pid namespace; the child joins
+    the user namespace (and the others) itself."""
+    _searchable(tmp_path / "run", share_dir / "rootfs")
+    config = spec(["sleep", "30"])
+    config["linux"]["namespaces"].append({"type": "user"})
+    config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    agent.run("userns", config, {})
+    show = "cat /proc/self/uid_map; id -u; cat /proc/1/comm; for p in self 1; do " \
+           "readlink /proc/$p/ns/pid; readlink /proc/$p/ns/user; done; echo $$"
+    response = agent.exec("userns", "e", {"args": ["sh", "-c", show], "env": ["PATH=/bin"],
+                                          "cwd": "/"}, {"stdout": 60, "stderr": 61})
+    assert response.error_kind is None and response.result is not None, response
+    assert agent.wait_exit("userns", "e").status == 0, (agent.output(61), agent.log())
+    out = agent.output(60).decode().split()
+    assert out[:5] == ["0", "100000", "65536", "0", "sleep"], out
+    own_pid, own_user, init_pid, init_user, pid = out[5:]
+    assert own_pid == init_pid and own_user == init_user, out
+    assert 1 < int(pid) < response.result["pid"]  # its number in the container's namespace
+    agent.ok("signal_process", {"container_id": "userns", "signal": 9})
+    agent.wait_exit("userns")
+
+
 def test_bad_uid_mapping_fails_at_create(agent: Agent) -> None:
     config = spec(["true"])
     config["linux"]["namespaces"].append({"type": "user"})

@@ -70,42 +70,38 @@ def template(tmp_path: Path) -> factory.Template:
     return factory.load(tmp_path)
 
 
+SPARES = tuple(range(20, 20 + factory.TEMPLATE_NICS))  # stand-ins for PrivateTaps' fds
+
+
 def test_clone_config_points_the_template_devices_at_the_clone_dirs(tmp_path: Path) -> None:
     t = template(tmp_path)
     rootfs = Share("hullroot", Path("/bundle/rootfs"), readonly=True)
-    clone = factory.clone_config(vm(shares=(rootfs,)), t, 7)
+    clone = factory.clone_config(vm(shares=(rootfs,)), t, 7, SPARES)
     assert clone.shares == (rootfs, Share("hullshared", t.empty, readonly=True))
     assert clone.memory_file == t.ram and not clone.memory_shared and clone.incoming_fd == 7
     pod_share = Share("hullshared", Path("/pod/shared"))
-    assert factory.clone_config(vm(shares=(pod_share,)), t, 7).shares == (
+    assert factory.clone_config(vm(shares=(pod_share,)), t, 7, SPARES).shares == (
         Share("hullroot", t.empty, readonly=True), pod_share)
 
 
-def test_clone_config_backs_the_template_nics_with_the_sandbox_taps(tmp_path: Path) -> None:
+def test_every_clone_nic_has_a_tap(tmp_path: Path) -> None:
+    """The sandbox's taps first, spare taps for the rest: every NIC of a clone needs a
+    vnet-header backend (the template's guest uses offloads)."""
     t = template(tmp_path)
-    clone = factory.clone_config(vm(nics=(Nic("02:00:00:00:00:01", 5, 1400),)), t, 7)
-    assert clone.nics == (Nic(factory.template_mac(0), 5, factory.TEMPLATE_MTU),)
-    assert factory.clone_config(vm(), t, 7).nics == factory.spare_nics()
+    sandbox_nic = Nic("02:00:00:00:00:01", 5, 1400)
+    assert factory.spare_taps_needed(vm(nics=(sandbox_nic,))) == factory.TEMPLATE_NICS - 1
+    clone = factory.clone_config(vm(nics=(sandbox_nic,)), t, 7, SPARES[1:])
+    assert clone.nics == factory.spare_nics((5, *SPARES[1:]))
+    assert clone.nics[0] == Nic(factory.template_mac(0), 5, factory.TEMPLATE_MTU)
     args = argv.build("q", clone, argv.Fds(3, 4))
-    assert opt(args, "-netdev") == ["tap,id=net0,fd=5"]
+    assert opt(args, "-netdev")[0] == "tap,id=net0,fd=5"
     assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
             in opt(args, "-device"))
-
-
-def test_pooled_clone_nics_are_hub_ports(tmp_path: Path) -> None:
-    """A pooled clone's NICs wait on network hubs for the lessee's taps; the template
-    and a cold clone have none (the backend is not in the device state)."""
-    clone = factory.clone_config(vm(), template(tmp_path), 7, pooled=True)
-    assert [n.hub for n in clone.nics] == list(range(factory.TEMPLATE_NICS))
-    args = argv.build("q", clone, argv.Fds(3, 4))
-    assert opt(args, "-netdev") == [f"hubport,id=net{i},hubid={i}"
-                                    for i in range(factory.TEMPLATE_NICS)]
-    assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
-            in opt(args, "-device"))
-    # A tap given on the command line wins over the hub.
-    tapped = factory.clone_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)),
-                                  factory.load(tmp_path), 7, pooled=True)
-    assert opt(argv.build("q", tapped, argv.Fds(3, 4)), "-netdev")[0] == "tap,id=net0,fd=5"
+    spare = factory.clone_config(vm(), t, 7, SPARES)
+    assert opt(argv.build("q", spare, argv.Fds(3, 4)), "-netdev") == [
+        f"tap,id=net{i},fd={fd}" for i, fd in enumerate(SPARES)]
+    with pytest.raises(ValueError, match="spare taps"):
+        factory.clone_config(vm(), t, 7, ())
     assert factory.device_macs(1) == (factory.template_mac(0),)
 
 
@@ -115,18 +111,19 @@ def test_pooled_clone_nics_are_hub_ports(tmp_path: Path) -> None:
 def test_clone_config_refuses_devices_templates_lack(tmp_path: Path, kw: dict[str, object]
                                                      ) -> None:
     with pytest.raises(factory.Unusable):
-        factory.clone_config(vm(**kw), template(tmp_path), 7)
+        spares = SPARES[:factory.spare_taps_needed(vm(**kw))]
+        factory.clone_config(vm(**kw), template(tmp_path), 7, spares)
 
 
 def test_template_config_has_fixed_devices(tmp_path: Path) -> None:
-    cfg = factory.template_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)), tmp_path)
+    cfg = factory.template_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)), tmp_path, SPARES)
     assert [s.tag for s in cfg.shares] == list(factory.TEMPLATE_TAGS)
-    assert cfg.nics == factory.spare_nics() and all(n.tap_fd == -1 for n in cfg.nics)
+    assert cfg.nics == factory.spare_nics(SPARES)
     assert cfg.memory_shared and cfg.memory_file == tmp_path / "ram"
     args = argv.build("q", cfg, argv.Fds(3, 4))
-    assert "-netdev" not in args  # the spare NICs have no backend
-    assert f"virtio-net-device,mac={factory.template_mac(0)},host_mtu=65535" in opt(
-        args, "-device")
+    assert opt(args, "-netdev") == [f"tap,id=net{i},fd={fd}" for i, fd in enumerate(SPARES)]
+    assert (f"virtio-net-device,netdev=net0,mac={factory.template_mac(0)},host_mtu=65535"
+            in opt(args, "-device"))
 
 
 def test_memory_classes() -> None:

@@ -451,7 +451,8 @@ def real_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for deb in shared.glob("*.deb"):
             os.link(deb, assets / "debs" / deb.name)
     config = Config(runtime=RuntimeConfig(asset_dir=str(assets)))
-    result = initrd.build_image(config, init_override=PROBE_INIT, publish=False)
+    result = initrd.build_image(config, init_override=PROBE_INIT, publish=False,
+                                compression="gzip")
     return result.asset.path
 
 
@@ -466,6 +467,10 @@ def test_real_image_layout(real_image: Path) -> None:
     assert entries["init"].mode & 0o111
     assert "usr/bin/python3.11" in entries and "usr/lib/hull/hull/agentapi/schema.pyc" in entries
     assert "usr/lib/python3.11/json/__init__.pyc" in entries
+    # frozen into python3.11 (trim.FROZEN): no files; os.pyc is getpath's landmark
+    assert "usr/lib/python3.11/codecs.pyc" not in entries
+    assert "usr/lib/python3.11/importlib/_bootstrap.pyc" not in entries
+    assert "usr/lib/python3.11/os.pyc" in entries
     assert not any(n.endswith(".py") for n in entries)
     assert entries["lib64/ld-linux-x86-64.so.2"].kind == stat.S_IFLNK
     assert {"dev", "proc", "sys", "sys/fs/cgroup", "run", "tmp"} <= set(entries)
@@ -557,3 +562,13 @@ def test_compression_needs_a_kernel_that_unpacks_it(tmp_path: Path) -> None:
         store.write_manifest(out, {"key": "k2"})
     store.publish(KERNEL, "k2")
     initrd.check_kernel_unpacks(store, "lz4")
+
+
+def test_frozen_modules_left_out_are_frozen_in_this_python() -> None:
+    import _imp
+
+    frozen = set(_imp._frozen_module_names())  # type: ignore[attr-defined]
+    bootstrap = {"importlib._bootstrap", "importlib._bootstrap_external"}
+    assert trim.FROZEN - bootstrap <= frozen
+    assert {"_frozen_importlib", "_frozen_importlib_external"} <= frozen
+    assert "os" not in trim.FROZEN  # the stdlib landmark getpath looks for

@@ -1,6 +1,6 @@
-"""The pool's protocol (hull.runtime.pool) against a fake pooled VM: taps travel with the
-take request and join the clone's hubs, the agent socket comes back, bad requests are
-refused without leaking descriptors."""
+"""The pool's protocol (hull.runtime.pool) against a fake pooled VM: the lessee's network
+namespace travels with the take request and the clone's taps are moved there, the agent
+socket comes back, bad requests are refused without leaking descriptors."""
 
 from __future__ import annotations
 
@@ -13,25 +13,38 @@ from pathlib import Path
 import pytest
 
 from hull.config import settings
-from hull.errors import HypervisorError
-from hull.hypervisor.base import Nic, Share, VMConfig
+from hull.hypervisor.base import Share, VMConfig
+from hull.network.host import NetworkError
 from hull.runtime import factory, pool, sharedfs
+
+NETNS = "/proc/self/ns/net"  # any namespace does: FakeTaps only looks at it
+
+
+class FakeTaps:
+    """What the daemon uses of a slot's PrivateTaps."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.moved_to: list[int] = []
+        self.closed = False
+
+    def move(self, netns_fd: int) -> list[str]:
+        if self.fail:
+            raise NetworkError("cannot move spare taps ['hulltap0']: no")
+        self.moved_to.append(os.fstat(netns_fd).st_ino)
+        return ["hullp0123456789"]
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeVM:
     """What the daemon uses of a pooled QemuVM."""
 
-    def __init__(self, fail_attach: bool = False) -> None:
+    def __init__(self) -> None:
         self.agent, self.guest = socket.socketpair()
-        self.taps: list[tuple[int, os.stat_result]] = []
-        self.fail_attach = fail_attach
         self.stopped = asyncio.Event()
         self.pid = 4242
-
-    async def attach_tap(self, hub: int, tap_fd: int) -> None:
-        if self.fail_attach:
-            raise HypervisorError("vm fake: cannot attach a tap to network hub 0: no")
-        self.taps.append((hub, os.fstat(tap_fd)))
 
     async def connect_agent(self, timeout: float) -> socket.socket:
         return self.agent
@@ -84,21 +97,21 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_take_sends_the_taps_and_gets_the_agent(tmp_path: Path) -> None:
+def slot(tmp_path: Path, key: str, vm: FakeVM, taps: FakeTaps) -> pool.Slot:
+    return pool.Slot("s1", tmp_path / "factory/.pool/s1", key, vm, taps)  # type: ignore[arg-type]
+
+
+def test_take_moves_the_taps_and_gets_the_agent(tmp_path: Path) -> None:
     config, vm, key = setup(tmp_path)
     before = open_fds()
-    fake = FakeVM()
-    tap_r, tap_w = os.pipe()  # any fd stands for a tap
-    vm = dataclasses.replace(vm, nics=(Nic("02:00:00:00:00:01", tap_r),))
+    fake, taps = FakeVM(), FakeTaps()
     assert pool.fits(vm)
 
     async def main() -> None:
-        slot = pool.Slot("s1", tmp_path / "factory/.pool/s1", key, fake)  # type: ignore[arg-type]
-        daemon, task = await serve(config, slot)
-        leased = await pool.take(config, vm, "pod1")
-        (hub, st), = fake.taps
-        assert hub == 0 and (st.st_dev, st.st_ino) == (os.fstat(tap_r).st_dev,
-                                                          os.fstat(tap_r).st_ino)
+        daemon, task = await serve(config, slot(tmp_path, key, fake, taps))
+        leased = await pool.take(config, vm, "pod1", NETNS)
+        assert taps.moved_to == [os.stat(NETNS).st_ino]
+        assert leased.taps == ["hullp0123456789"]
         # the agent socket came over: what the guest end sends, the lessee reads
         fake.guest.sendall(b"hello")
         assert (await asyncio.to_thread(leased._agent.recv, 5)) == b"hello"
@@ -106,43 +119,49 @@ def test_take_sends_the_taps_and_gets_the_agent(tmp_path: Path) -> None:
         assert daemon.leased == {"s1"} and not daemon.idle
         await leased.stop(timeout=2.0)  # ends the lease: the daemon stops the clone
         await asyncio.wait_for(fake.stopped.wait(), 2)
+        assert taps.closed
         daemon.stopping.set()
         await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
-    os.close(tap_r)
-    os.close(tap_w)
     assert open_fds() == before, "a descriptor leaked"
 
 
-def test_a_clone_whose_tap_does_not_attach_is_discarded(tmp_path: Path) -> None:
+def test_without_a_network_nothing_moves(tmp_path: Path) -> None:
     config, vm, key = setup(tmp_path)
-    fake = FakeVM(fail_attach=True)
-    tap_r, tap_w = os.pipe()
-    vm = dataclasses.replace(vm, nics=(Nic("02:00:00:00:00:01", tap_r),))
+    fake, taps = FakeVM(), FakeTaps()
 
     async def main() -> None:
-        slot = pool.Slot("s1", tmp_path / "factory/.pool/s1", key, fake)  # type: ignore[arg-type]
-        daemon, task = await serve(config, slot)
-        with pytest.raises(pool.PoolError, match="network hub 0"):
-            await pool.take(config, vm, "pod1")
-        await asyncio.wait_for(fake.stopped.wait(), 2)
-        assert not daemon.idle and not daemon.leased
+        daemon, task = await serve(config, slot(tmp_path, key, fake, taps))
+        leased = await pool.take(config, vm, "pod1")
+        assert leased.taps == [] and taps.moved_to == []
+        await leased.stop(timeout=2.0)
         daemon.stopping.set()
         await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
-    os.close(tap_r)
-    os.close(tap_w)
+
+
+def test_a_clone_whose_taps_do_not_move_is_discarded(tmp_path: Path) -> None:
+    config, vm, key = setup(tmp_path)
+    fake, taps = FakeVM(), FakeTaps(fail=True)
+
+    async def main() -> None:
+        daemon, task = await serve(config, slot(tmp_path, key, fake, taps))
+        with pytest.raises(pool.PoolError, match="cannot move spare taps"):
+            await pool.take(config, vm, "pod1", NETNS)
+        await asyncio.wait_for(fake.stopped.wait(), 2)
+        assert taps.closed and not daemon.idle and not daemon.leased
+        daemon.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
 
 
 def test_fits() -> None:
     base = VMConfig(name="p", kernel=Path("/k"), initrd=Path("/i"), console_log=Path("/c"),
                     shares=(Share(sharedfs.SHARE_TAG, Path("/s")),))
     assert pool.fits(base)
-    assert pool.fits(dataclasses.replace(base, nics=(Nic("02:00:00:00:00:01", 5),)))
-    assert not pool.fits(dataclasses.replace(base, nics=tuple(
-        Nic(f"02:00:00:00:00:0{i}", 5 + i) for i in range(factory.TEMPLATE_NICS + 1))))
     assert not pool.fits(dataclasses.replace(base, shares=(Share("hullroot", Path("/r")),)))
 
 

@@ -68,12 +68,17 @@ def parse(obj: Any, what: str) -> Caps:
     return Caps(**masks)
 
 
+_last_cap: list[int] = []  # the kernel's, read once (it never changes)
+
+
 def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as fh:
-            return int(fh.read())
-    except (OSError, ValueError):
-        return len(NAMES) - 1
+    if not _last_cap:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as fh:
+                _last_cap.append(int(fh.read()))
+        except (OSError, ValueError):
+            _last_cap.append(len(NAMES) - 1)
+    return _last_cap[0]
 
 
 def drop_bounding(caps: Caps, last: int) -> None:

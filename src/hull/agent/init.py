@@ -25,8 +25,10 @@ _EARLY_MOUNTS: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("shm", "/dev/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"),
     ("run", "/run", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
     ("tmp", "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"),
+    # favordynmods (Linux 6.0+): a task's move into a cgroup (every exec and container
+    # init joins its container's) then skips an RCU grace period, ~10 ms under TCG.
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-     None),
+     "favordynmods"),
 )
 MODULES_DIR = "/lib/modules/hull"
 
@@ -36,7 +38,12 @@ def early_setup() -> None:
     for source, target, fstype, flags, data in _EARLY_MOUNTS:
         try:
             os.makedirs(target, exist_ok=True)
-            sc.mount(source, target, fstype, flags, data)
+            try:
+                sc.mount(source, target, fstype, flags, data)
+            except OSError as exc:
+                if fstype != "cgroup2" or exc.errno != errno.EINVAL:
+                    raise
+                sc.mount(source, target, fstype, flags, None)  # a kernel before 6.0
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 log(f"mount {target}: {exc.strerror}")

@@ -13,7 +13,7 @@ import os
 import signal
 
 import hull
-from hull.agent import ctrsetup, debug, init, spawn
+from hull.agent import ctrsetup, debug, init, rootfs, spawn
 from hull.agent import syscalls as sc
 from hull.agent.channel import VSOCK_HOST_CID, Channel
 from hull.agent.container import Container, State
@@ -274,7 +274,7 @@ class Server:
         ctr = Container(cid, root, cspec, proc, start_fd=spawned.start_fd)
         ctr.cgroup = cgroup
         self.containers[cid] = ctr
-        self.helpers.add(spawned.helper_pid)
+        self.helpers.add(spawned.pid)
         self._watch_status(ctr, proc, spawned.status_fd)
 
     def _mount_rootfs(self, cid: str, share: schema.RootfsShare, root: str) -> None:
@@ -439,7 +439,8 @@ class Server:
             spawned = spawn.spawn_exec(ctr.init.pid, pspec, pipes.child, self.devnull, setup)
         except OSError as exc:
             pipes.close_agent_ends()
-            raise RequestError(ErrorKind.FAILED, f"{label}: fork: {exc.strerror}") from None
+            raise RequestError(ErrorKind.FAILED, f"{label}: fork: {rootfs.os_text(exc)}"
+                               ) from None
         finally:
             pipes.close_child_ends()
         proc = Process(ctr.id, req.exec_id, req.stdio, pspec.terminal, self.relay, EXEC_GRACE,
@@ -448,8 +449,9 @@ class Server:
         proc.pending_rid = rid
         proc.pending_winsize = pspec.console_size
         proc.ack_fd = spawned.start_fd
+        proc.pid = spawned.pid  # the agent's own child: no helper, no "P" line
+        self.by_pid[proc.pid] = proc
         ctr.execs[req.exec_id] = proc
-        self.helpers.add(spawned.helper_pid)
         self._watch_status(ctr, proc, spawned.status_fd)
 
     # ------------------------------------------------------------------ signal / resize
@@ -599,11 +601,13 @@ class Server:
             if pid in self.helpers:
                 self.helpers.discard(pid)
                 continue
-            proc = self.by_pid.pop(pid, None)
-            if proc is None:
-                # Reparented before its "P" line was read? Read the status pipes first.
+            proc = self.by_pid.get(pid)
+            if proc is None or proc.pending_rid is not None:
+                # Reparented before its "P" line was read, or an exec that ran and exited
+                # before its pipe's EOF was seen: read the status pipes first (the reply
+                # goes before the exit event).
                 self._poll_status_pipes()
-                proc = self.by_pid.pop(pid, None)
+            proc = self.by_pid.pop(pid, None)
             if proc is not None:
                 proc.reaped(status)
             if self.stale_cgroups:

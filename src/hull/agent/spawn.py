@@ -1,21 +1,25 @@
 """Forking a container's init process and its exec processes.
 
-Why two forks (runc does the same): CLONE_NEWPID applies to the children of the caller
-only. For the init, helper A unshares the new namespaces and forks B, which is PID 1 of
-the new pid namespace; A reports B's pid and exits, so B is reparented to the agent
-(guest PID 1, or a subreaper in test mode). For an exec, helper C joins the init's
-namespaces with setns(2) and forks D, which lands in the container's pid namespace; C
-reports D's pid and exits.
+Why two forks for the init (runc does the same): CLONE_NEWPID applies to the children of
+the caller only. Helper A unshares the new namespaces and forks B, which is PID 1 of the
+new pid namespace; A reports B's pid and exits, so B is reparented to the agent (guest
+PID 1, or a subreaper in test mode).
+
+An exec takes one fork (a helper C that joined the namespaces and forked D cost ~7 ms
+under TCG): the agent itself points its pid_for_children at the init's pid namespace
+(setns(2) with CLONE_NEWPID changes only where its children go), forks D there and
+points it back. D, the agent's own child (no reparenting, no "P" line), joins the
+container's cgroup and its other namespaces with setns(2) before it sets up the process.
 
 The children talk to the agent through a status pipe, one line per message:
 
-    P<pid>     A/C: the pid of B/D (always the first line: B/D wait until A/C exited)
+    P<pid>     A: the pid of B (always the first line: B waits until A exited)
     W<text>    a warning for the agent's log
     T<fd>      the pty master B/D opened in the container; the agent takes it (pidfd_getfd)
     R          B is ready and blocks before execve until the agent writes the start pipe
     E<text>    setup or execve failed; the child exits (127: not found, 126: other)
 
-The pipe is close-on-exec, so EOF after R (or, for an exec, after P) means execve worked.
+The pipe is close-on-exec, so EOF after R (for an exec: at all) means execve worked.
 Child code never returns into the agent: every path ends in execve or os._exit.
 """
 
@@ -83,12 +87,13 @@ class Setup:
 
 
 class Spawned:
-    """The agent's handles on a forked helper."""
+    """The agent's handles on a forked child: the init's helper A, or an exec itself."""
 
-    __slots__ = ("helper_pid", "start_fd", "status_fd")
+    __slots__ = ("pid", "start_fd", "status_fd")
 
-    def __init__(self, helper_pid: int, status_fd: int, start_fd: int | None) -> None:
-        self.helper_pid = helper_pid
+    def __init__(self, pid: int, status_fd: int, start_fd: int | None) -> None:
+        #: the init's helper A (it reports the init's pid), or the exec process D
+        self.pid = pid
         self.status_fd = status_fd  # read end of the status pipe, non-blocking
         #: write end of the pipe the child waits on: start (init), terminal taken (exec)
         self.start_fd = start_fd
@@ -106,6 +111,7 @@ class ExecError(Exception):
 def spawn_init(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnull: int, *,
                no_pivot: bool = False, setup: Setup | None = None) -> Spawned:
     """Fork the container init (blocked before execve); the agent keeps the pipes' ends."""
+    caps.last_cap()  # read once, in the agent: not again in every child
     status_r, status_w = os.pipe()
     start_r, start_w = os.pipe()
     sync_r, sync_w = os.pipe()
@@ -131,24 +137,71 @@ def spawn_exec(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
     With a terminal, the child waits after its T line until the agent writes (or closes)
     ``start_fd``: execve would close the master before the agent took it over.
     """
-    status_r, status_w = os.pipe()
-    sync_r, sync_w = os.pipe()
-    ack_r, ack_w = os.pipe() if pspec.terminal else (-1, -1)
-    fds = [fd for fd in (status_r, status_w, sync_r, sync_w, ack_r, ack_w) if fd >= 0]
+    caps.last_cap()  # read once, in the agent: not again in every child
+    joins = _namespaces_to_join(init_pid)
+    pipes: list[int] = []
     try:
-        pid = os.fork()
+        status_r, status_w = os.pipe()
+        pipes += (status_r, status_w)
+        ack_r, ack_w = os.pipe() if pspec.terminal else (-1, -1)
+        pipes += [fd for fd in (ack_r, ack_w) if fd >= 0]
+        pid = _fork_in_pidns(next((fd for fd, nstype in joins if nstype == sc.CLONE_NEWPID),
+                                  None))
     except OSError:
-        for fd in fds:
+        for fd in (*pipes, *(fd for fd, _ in joins)):
             os.close(fd)
         raise
     if pid == 0:
-        _child(status_w, lambda: _exec_helper(init_pid, pspec, stdio, devnull, status_w,
-                                              sync_r, ack_r, setup or Setup()))
-    for fd in fds:
-        if fd not in (status_r, ack_w):
+        _child(status_w, lambda: _exec_process(pspec, stdio, devnull, status_w, ack_r,
+                                               setup or Setup(), joins))
+    for fd in (status_w, ack_r, *(fd for fd, _ in joins)):
+        if fd >= 0:
             os.close(fd)
     os.set_blocking(status_r, False)
     return Spawned(pid, status_r, ack_w if ack_w >= 0 else None)
+
+
+def _namespaces_to_join(init_pid: int) -> list[tuple[int, int]]:
+    """(fd, nstype) of the init's namespaces that are not the agent's, in _JOIN order."""
+    fds: list[tuple[int, int]] = []
+    try:
+        for name, nstype in _JOIN:
+            path = f"/proc/{init_pid}/ns/{name}"
+            try:
+                if os.readlink(path) == os.readlink(f"/proc/self/ns/{name}"):
+                    continue  # the same (joining one's own user namespace is EINVAL)
+                fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), nstype))
+            except FileNotFoundError:
+                if name != "cgroup":
+                    raise
+    except OSError:
+        for fd, _ in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _fork_in_pidns(pidns: int | None) -> int:
+    """os.fork(), the child in pid namespace ``pidns`` (None: the agent's own).
+
+    setns(CLONE_NEWPID) moves only the caller's pid_for_children, never the caller: the
+    agent goes back to its own right after the fork (allowed: it is its active one).
+    """
+    if pidns is None:
+        return os.fork()
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    pid = -1
+    try:
+        sc.setns(pidns, sc.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # the agent goes back (the child is where it belongs: stays)
+                sc.setns(own, sc.CLONE_NEWPID)
+    finally:
+        if pid != 0:  # the child's copy is close-on-exec and closed with its other fds
+            os.close(own)
+    return pid
 
 
 # ---------------------------------------------------------------------------- child side
@@ -309,44 +362,18 @@ def _init_process(cid: str, root: str, cspec: ContainerSpec, stdio: Stdio, devnu
     _execve(path, proc)
 
 
-def _exec_helper(init_pid: int, pspec: ProcessSpec, stdio: Stdio, devnull: int,
-                 status_w: int, sync_r: int, ack_r: int, setup: Setup) -> None:
-    """Helper C: join the container's cgroup and namespaces, fork D, report D's pid, exit."""
+def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
+                  ack_r: int, setup: Setup, joins: list[tuple[int, int]]) -> None:
+    """D: join the container's cgroup and namespaces (the pid namespace it was forked
+    into), then set up the process (root and cwd: the container's root) and execve."""
     if setup.cgroup_procs:
         _join_cgroup(setup.cgroup_procs)
-    fds = []
-    try:
-        for name, nstype in _JOIN:
-            try:
-                if os.readlink(f"/proc/{init_pid}/ns/{name}") == \
-                        os.readlink(f"/proc/self/ns/{name}"):
-                    continue  # the same (joining one's own user namespace is EINVAL)
-                fds.append((os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
-                            nstype))
-            except FileNotFoundError:
-                if name != "cgroup":
-                    raise
-        for fd, nstype in fds:
+    for fd, nstype in joins:
+        if nstype != sc.CLONE_NEWPID:
             sc.setns(fd, nstype)
-    finally:
-        for fd, _ in fds:
-            os.close(fd)
-    pid = os.fork()
-    if pid == 0:
-        _child(status_w, lambda: _exec_process(pspec, stdio, devnull, status_w, sync_r, ack_r,
-                                               setup.seccomp))
-    _Status.send("P", str(pid))
-
-
-def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
-                  sync_r: int, ack_r: int, seccomp: Filter | None) -> None:
-    """D: a process in the container's namespaces (root and cwd: the container's root)."""
-    keep = (status_w, sync_r, ack_r) if ack_r >= 0 else (status_w, sync_r)
-    status_w, sync_r, *acks = _arrange_fds(stdio, devnull, keep)
+    keep = (status_w, ack_r) if ack_r >= 0 else (status_w,)
+    status_w, *acks = _arrange_fds(stdio, devnull, keep)
     _Status.fd = status_w
-    while os.read(sync_r, 1):
-        pass
-    os.close(sync_r)
     if pspec.terminal:
         os.setsid()
         _open_terminal(console=False)
@@ -354,7 +381,7 @@ def _exec_process(pspec: ProcessSpec, stdio: Stdio, devnull: int, status_w: int,
         os.close(acks[0])
     if pspec.oom_score_adj is not None:
         _write("/proc/self/oom_score_adj", str(pspec.oom_score_adj))
-    path = _prepare_process(pspec, seccomp)
+    path = _prepare_process(pspec, setup.seccomp, check_path=False)
     _execve(path, pspec)
 
 
@@ -404,11 +431,13 @@ def _open_terminal(*, console: bool) -> None:
     _Status.send("T", str(master))
 
 
-def _prepare_process(proc: ProcessSpec, seccomp: Filter | None = None) -> str:
+def _prepare_process(proc: ProcessSpec, seccomp: Filter | None = None, *,
+                     check_path: bool = True) -> str:
     """Limits, user, capabilities, cwd and seccomp of the process (runc's order).
 
-    Returns the resolved executable. Without noNewPrivileges the filter goes in before
-    the capabilities are dropped (installing it needs CAP_SYS_ADMIN then), as in runc.
+    Returns the resolved executable (``check_path``: see resolve). Without
+    noNewPrivileges the filter goes in before the capabilities are dropped (installing it
+    needs CAP_SYS_ADMIN then), as in runc.
     """
     for label, value in (("apparmorProfile", proc.apparmor_profile),
                          ("selinuxLabel", proc.selinux_label)):
@@ -449,7 +478,7 @@ def _prepare_process(proc: ProcessSpec, seccomp: Filter | None = None) -> str:
         except OSError as exc:
             raise rootfs.SetupError(f"chdir to cwd {proc.cwd}: {sc.strerror(exc.errno or 0)}"
                                     ) from exc
-    path = resolve(proc.args[0], proc.getenv("PATH"))
+    path = resolve(proc.args[0], proc.getenv("PATH"), check=check_path)
     if seccomp is not None and proc.no_new_privileges:
         _install_seccomp(seccomp)
     return path
@@ -472,10 +501,15 @@ def _loopback_up() -> None:
         _Status.send("W", f"network namespace: lo: {sc.strerror(exc.errno or 0)}")
 
 
-def resolve(name: str, path_env: str | None) -> str:
-    """The executable execve will run: name, or the first match on PATH (exec.LookPath)."""
+def resolve(name: str, path_env: str | None, *, check: bool = True) -> str:
+    """The executable execve will run: name, or the first match on PATH (exec.LookPath).
+
+    ``check=False`` leaves a name with a slash to execve, which fails the same way
+    (_execve): an exec's reply waits for its execve anyway, and each stat goes to the
+    9p share (~2.5 ms under TCG). The init checks at create time, as runc does.
+    """
     if "/" in name:
-        problem = _check_executable(name)
+        problem = _check_executable(name) if check else 0
         if problem:
             raise ExecError(f'exec: "{name}": {sc.strerror(problem)}',
                             127 if problem == errno.ENOENT else 126)

@@ -7,7 +7,6 @@ a default; unknown keys and wrong types are rejected with the key named.
 from __future__ import annotations
 
 import os
-import platform
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,7 +26,7 @@ DEFAULT_MACHINE = {"x86_64": "microvm", "aarch64": "virt"}
 
 
 def host_arch() -> str:
-    return platform.machine()
+    return os.uname().machine  # as platform.machine(), without importing platform
 
 
 @dataclass

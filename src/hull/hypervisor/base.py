@@ -41,16 +41,11 @@ class Share:
 @dataclass(frozen=True)
 class Nic:
     """A virtio-net device backed by a tap device Hull opened: QEMU inherits ``tap_fd``
-    (-1: no backend, a VM template's spare NIC, see hull.runtime.factory).
-
-    ``hub``: without a tap, connect the device to QEMU network hub ``hub`` instead (a
-    pooled clone: its tap is made later, in the network namespace of the sandbox that
-    leases it, and joins that hub over QMP, QemuVM.attach_tap). -1: no hub."""
+    (-1: no backend)."""
 
     mac: str
     tap_fd: int
     mtu: int = 1500
-    hub: int = -1
 
 
 @dataclass(frozen=True)

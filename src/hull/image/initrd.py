@@ -40,7 +40,7 @@ from hull.image.store import IMAGE, KERNEL, Asset, AssetStore, debian_arch
 from hull.image.trim import ModuleSet, compile_to, find_modules, package_modules
 
 # Bump when the image's content changes for the same inputs (layout, trimming, /init ...).
-BUILD_RECIPE_VERSION = 2
+BUILD_RECIPE_VERSION = 3
 
 PYTHON_VERSION = (3, 11)
 PYTHON = f"python{PYTHON_VERSION[0]}.{PYTHON_VERSION[1]}"
@@ -57,14 +57,15 @@ DLOPENED = (("libgcc_s.so.1", "libc.so.6"),)
 # Measured under TCG (microvm, built 6.1 kernel, 12.6 MB cpio; qemu start -> python as init,
 # median of 10): gzip -9 5.1 MB 1.10 s; zstd -19 4.2 MB 1.22 s (the kernel's unzstd is slow
 # under TCG, and its 8 MiB window leaves ~6 MB more guest RAM touched); none 12.6 MB 0.94 s
-# but ~8 MB more host memory per VM. gzip is the default: fast, small, within the 6 MB target.
-# lz4 (legacy frame, -12): ~6.1 MB, unpacked ~5x faster than gzip (docs/performance.md);
-# needs CONFIG_RD_LZ4 (Hull's kernel has it since the lapic_timer_hz patch).
+# but ~8 MB more host memory per VM. lz4 (legacy frame, -12), measured later with Hull's
+# patched kernel (docs/performance.md, median of 10 interleaved): gzip 5.1 MB 1.51 s,
+# lz4 5.96 MB 1.35 s, none 12.5 MB 1.30 s (`hull run /bin/true`). lz4 is the default:
+# nearly the boot time of none within the 6 MB target; it needs CONFIG_RD_LZ4 in the kernel.
 COMPRESSIONS = ("gzip", "lz4", "zstd", "none")
 #: The external compressor of each compression gzip's stdlib module does not cover. The
 #: kernel's unlz4 only reads the legacy frame format (-l).
 _COMPRESSORS = {"zstd": ("zstd", "-19", "-q", "-c"), "lz4": ("lz4", "-l", "-12", "-q", "-c")}
-DEFAULT_COMPRESSION = "gzip"
+DEFAULT_COMPRESSION = "lz4"
 
 INIT = f"""#!{GUEST_PYTHON} -S
 # Hull guest init (PID 1): the agent, from the sourceless .pyc under {GUEST_HULL}.

@@ -44,6 +44,16 @@ NEVER = frozenset({
     "java", "vms_lib", "org", "_dummy_thread",
 })
 
+# Frozen into the python3.11 binary (Python/frozen.c, ``_imp._frozen_module_names()``),
+# or importlib's fallback for an interpreter without its frozen bootstrap: the interpreter
+# never reads their files (frozen modules are on outside a CPython source tree), so their
+# .pyc would be ~235 KB of dead weight in the image. Only those whose own imports are all
+# builtin or frozen are listed; os stays (getpath finds the stdlib by os.py[c]).
+FROZEN = frozenset({
+    "_collections_abc", "_sitebuiltins", "abc", "codecs", "genericpath", "io", "stat",
+    "importlib._bootstrap", "importlib._bootstrap_external",
+})
+
 # Heavy or host-oriented modules that stdlib code imports lazily or optionally. Left out
 # unless an import-time import needs them (then they are in, whatever this list says).
 OPTIONAL = frozenset({
@@ -84,10 +94,11 @@ def find_modules(stdlib: Path, hull_root: Path, triplet: str, version: tuple[int
     hull_modules = package_modules(hull_root)
     start = [*STARTUP, *hull_modules, *roots]
     path = [str(hull_root), str(stdlib)]
-    first = _Finder(path, NEVER, stdlib, import_time_only=True)
+    first = _Finder(path, NEVER | FROZEN, stdlib, import_time_only=True)
     first.run(start)
     required = set(first.modules)
-    second = _Finder(path, NEVER | (OPTIONAL - required), stdlib, import_time_only=False)
+    second = _Finder(path, NEVER | FROZEN | (OPTIONAL - required), stdlib,
+                     import_time_only=False)
     second.run(start)
 
     dynload = stdlib / "lib-dynload"

@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -154,13 +155,15 @@ def setns(fd: int) -> None:
 
 
 def in_netns(netns_fd: int, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a new thread that entered the namespace ``netns_fd``; its result."""
+    """Run ``fn`` in a new thread that entered the namespace ``netns_fd`` (-1: the
+    caller's, for an ``fn`` that makes a namespace of its own); its result."""
     result: list[T] = []
     error: list[BaseException] = []
 
     def body() -> None:
         try:
-            setns(netns_fd)
+            if netns_fd >= 0:
+                setns(netns_fd)
             result.append(fn())
         except BaseException as exc:
             error.append(exc)
@@ -184,6 +187,77 @@ def open_tap(name: str = TAP_NAME) -> tuple[int, str]:
         os.close(fd)
         raise
     return fd, answer[:16].rstrip(b"\0").decode()
+
+
+class PrivateTaps:
+    """``count`` taps in a network namespace made for them, empty and unconnected: the
+    backends of the NICs a VM template and its clones have beyond the sandbox's own
+    (hull.runtime.factory). A NIC booted with a vnet-header tap lets the guest use
+    checksum and segmentation offloads; QEMU then refuses to restore that guest onto a
+    NIC without such a backend, so every clone's NIC needs one. A context manager: the
+    namespace lives (and with it the taps QEMU holds: a tap whose namespace is gone
+    leaves QEMU polling a dead fd) until it is closed, after QEMU stopped.
+    ``move`` hands the taps to another namespace (a pooled clone's lessee)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.netns_fd = -1
+        self.fds: list[int] = []
+        self.names: list[str] = []
+
+    def __enter__(self) -> PrivateTaps:
+        if self.count:
+            try:
+                in_netns(-1, self._make)
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _make(self) -> None:  # in a thread of its own (namespaces are per thread)
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetworkError(f"cannot make a network namespace for spare taps: "
+                               f"{os.strerror(err)}")
+        self.netns_fd = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net",
+                                os.O_RDONLY | os.O_CLOEXEC)
+        for _ in range(self.count):
+            fd, name = open_tap()
+            self.fds.append(fd)
+            self.names.append(name)
+
+    def move(self, netns_fd: int) -> list[str]:
+        """Move the taps (down, as made) into the namespace ``netns_fd``, under names no
+        other sandbox there uses; their names there."""
+        def work() -> list[str]:
+            from pyroute2 import IPRoute
+
+            moved = []
+            with IPRoute() as ipr:
+                for name in self.names:
+                    index = ipr.link_lookup(ifname=name)[0]
+                    unique = f"hullp{secrets.token_hex(5)}"  # 15 bytes: IFNAMSIZ - 1
+                    ipr.link("set", index=index, ifname=unique, net_ns_fd=netns_fd)
+                    moved.append(unique)
+            return moved
+
+        try:
+            return in_netns(self.netns_fd, work)
+        except Exception as exc:
+            raise NetworkError(f"cannot move spare taps {self.names} into the sandbox's "
+                               f"network namespace: {exc}") from exc
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
+            self.netns_fd = -1
 
 
 @dataclass
@@ -305,7 +379,7 @@ def _has_ingress(ipr: IPRoute, index: int) -> bool:
     return any(q["handle"] == TC_H_INGRESS for q in ipr.get_qdiscs(index=index))
 
 
-def _attach_here(netns: str, netns_fd: int) -> Attachment:
+def _attach_here(netns: str, netns_fd: int, taps: list[str] | None) -> Attachment:
     endpoints: list[Endpoint] = []
     att = Attachment(netns, netns_fd, endpoints, [])
     from pyroute2 import IPRoute
@@ -313,11 +387,15 @@ def _attach_here(netns: str, netns_fd: int) -> Attachment:
     with IPRoute() as ipr:
         try:
             links = candidates(ipr)
-            for link in links:
+            if taps is not None and len(links) > len(taps):
+                raise NetworkError(f"network namespace {netns} has {len(links)} interfaces "
+                                   f"to mirror, the vm {len(taps)} NICs")
+            for i, link in enumerate(links):
                 index = link["index"]
                 name = link.get_attr("IFLA_IFNAME")
                 mtu = link.get_attr("IFLA_MTU") or 1500
-                tap_fd, tap_name = open_tap()
+                # A pooled clone's taps were moved here; QEMU holds them (no fd of ours).
+                tap_fd, tap_name = open_tap() if taps is None else (-1, taps[i])
                 ep = Endpoint(name, index, link.get_attr("IFLA_ADDRESS"), mtu, tap_fd,
                               tap_name, 0, own_qdisc=False)
                 endpoints.append(ep)
@@ -365,9 +443,12 @@ def _is_host(fd: int) -> bool:
                                                                    HOST_NETNS))
 
 
-def attach(netns: str, record: Path | None = None) -> Attachment:
+def attach(netns: str, record: Path | None = None, taps: list[str] | None = None
+           ) -> Attachment:
     """Create the taps and filters in ``netns`` (a path); QEMU then runs there too.
-    With ``record``, what was attached is written there (for release_recorded)."""
+    With ``record``, what was attached is written there (for release_recorded). With
+    ``taps``, the names of taps already there (a pooled clone's, PrivateTaps.move), the
+    veths are redirected to those instead, in order."""
     try:
         fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -378,7 +459,7 @@ def attach(netns: str, record: Path | None = None) -> Attachment:
         raise NetworkError(f"network namespace {netns} is the host's: refusing to connect "
                            "its interfaces to a vm")
     try:
-        att = in_netns(fd, lambda: _attach_here(netns, fd))
+        att = in_netns(fd, lambda: _attach_here(netns, fd, taps))
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError | ValueError) or type(exc).__module__.startswith(

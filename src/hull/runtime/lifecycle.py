@@ -26,7 +26,6 @@ from typing import Any
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import ContainerNotFound, HullError, InvalidState
-from hull.network import host as netns
 from hull.oci.bundle import Bundle
 from hull.runtime import client, hooks
 from hull.runtime.state import ContainerDir, ContainerState, Status, alive, start_time
@@ -246,6 +245,8 @@ class Runtime:
                     kill_pid(pid, started)
         # The sandbox's owner is gone now; if it was killed, its filters are still on
         # the client's veths (an owner that stopped cleanly removed them and the record).
+        from hull.network import host as netns  # ctypes, ipaddress: not for every verb
+
         netns.release_recorded(network_record(cdir))
 
     @contextlib.contextmanager
@@ -279,7 +280,9 @@ def shared_dir(cdir: ContainerDir) -> Path:
 def network_record(cdir: ContainerDir) -> Path:
     """Where a CLI container's sandbox records its taps and filters, for the teardown
     after its owner (proxy, foreground `hull run`) was killed (hull.network.host)."""
-    return cdir.path / netns.RECORD_NAME
+    from hull.network.host import RECORD_NAME
+
+    return cdir.path / RECORD_NAME
 
 
 def check_terminal(terminal: bool, console_socket: str | None) -> None:

@@ -21,22 +21,22 @@ makes there later (a pod's container rootfs, staged bind mounts) propagates into
 directory QEMU exports. So the pool serves sandboxes whose only share is the pod
 layout's (shim v2 pods) and of the default size: the others restore a clone of their own.
 
-Network. A sandbox's taps are made in its network namespace (hull.network.host), after
-the clone was restored, so a pooled clone's NICs are each a port of a QEMU network hub
-of their own (factory.spare_nics(hubs=True)). The lessee sends its taps with the take
-request (SCM_RIGHTS); the daemon passes each to the clone's QEMU (QMP getfd) and joins
-it to the NIC's hub (netdev_add tap + hubport: QemuVM.attach_tap) before handing the
-clone over. The taps stay the lessee's: its tc filters redirect the veths to them as
-for any sandbox, and it removes them when it ends; QEMU's copy goes with QEMU, which
-ends with the lease.
+Network. Every NIC of a clone needs a vnet-header tap (factory: the template negotiated
+offloads), and a running NIC cannot be given another backend. So each pooled clone is
+restored on taps of its own, made by the daemon in a network namespace of their own
+(hull.network.host.PrivateTaps). A lessee with a network sends its namespace with the
+take request (an fd, SCM_RIGHTS); the daemon moves the clone's taps there (renamed
+``hullp<random>``) and answers with their names, and the lessee redirects its veths to
+them (tc filters, as to taps of its own). The taps go when QEMU and the daemon's copy of
+their fds are gone: when the lease ends.
 
 Stopping. ``hull factory destroy`` asks the daemon to stop: it stops refilling, kills
 its idle clones and exits as soon as no lease is left (running sandboxes are not
 disturbed, as with the templates themselves).
 
-Protocol: JSON lines. Take: ``{"take": key_id, "name": sandbox, "taps": n}`` with the n
-tap fds attached -> ``{"slot": path, "pid": n}`` with the agent socket attached, or
-``{"error": why}``. Then, on the lease:
+Protocol: JSON lines. Take: ``{"take": key_id, "name": sandbox, "netns": bool}`` with the
+namespace's fd attached when true -> ``{"slot": path, "pid": n, "taps": [names]}`` with
+the agent socket attached, or ``{"error": why}``. Then, on the lease:
 ``{"id": n, "qmp": command}`` -> ``{"id": n, "return": {...}}`` or ``{"id": n, "error":
 why}``; ``{"event": "exit", "status": n, "reason": why}`` when QEMU ends. Other
 requests: ``{"status": true}`` -> counts; ``{"stop": true}``.
@@ -65,6 +65,7 @@ from hull.config.settings import Config
 from hull.errors import HullError, HypervisorError
 from hull.hypervisor.base import Capability, Hypervisor, Share, VMConfig
 from hull.hypervisor.qemu.machine import QemuVM, tail_lines
+from hull.network.host import PrivateTaps
 from hull.runtime import factory, sharedfs, warmup
 
 log = logging.getLogger("hull.pool")
@@ -112,10 +113,9 @@ def pooled_vm(config: Config, name: str, share: Path, console_log: Path) -> VMCo
 
 
 def fits(vm: VMConfig) -> bool:
-    """Whether a pooled clone can serve ``vm``: no more NICs than it has (each a tap),
-    only the pod layout's share."""
-    return (len(vm.nics) <= factory.TEMPLATE_NICS and all(n.tap_fd >= 0 for n in vm.nics)
-            and [s.tag for s in vm.shares] == [sharedfs.SHARE_TAG])
+    """Whether a pooled clone can serve ``vm`` (before its network is attached): only
+    the pod layout's share."""
+    return [s.tag for s in vm.shares] == [sharedfs.SHARE_TAG]
 
 
 def recv_line(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
@@ -155,6 +155,8 @@ class Slot:
     path: Path
     key: str
     vm: QemuVM
+    #: the clone's NICs' taps (moved into the lessee's namespace at lease time)
+    taps: PrivateTaps
     leased: bool = False
 
     @property
@@ -181,27 +183,27 @@ class Daemon:
         path.unlink(missing_ok=True)
         # A listening socket of its own, not asyncio's server: a take request carries
         # the lessee's taps, and asyncio's streams would drop them (no recvmsg).
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(str(path))
-        listener.listen(64)
-        listener.setblocking(False)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        filler = asyncio.create_task(self._fill())
-        accepter = asyncio.create_task(self._accept(listener))
-        try:
-            await self.stopping.wait()
-        finally:
-            for task in (accepter, filler):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            listener.close()
-            path.unlink(missing_ok=True)
-            for slot in self.idle:
-                await self._discard(slot)
-            self.idle.clear()
+        with socket.socket(socket.AF_UNIX,
+                           socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+            listener.bind(str(path))
+            listener.listen(64)
+            listener.setblocking(False)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+            filler = asyncio.create_task(self._fill())
+            accepter = asyncio.create_task(self._accept(listener))
+            try:
+                await self.stopping.wait()
+            finally:
+                for task in (accepter, filler):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                path.unlink(missing_ok=True)
+        for slot in self.idle:
+            await self._discard(slot)
+        self.idle.clear()
         while self.leased:  # the lessees' sandboxes run on: wait for them
             await asyncio.sleep(0.2)
         with contextlib.suppress(OSError):
@@ -239,9 +241,10 @@ class Daemon:
             if factory.key_id(template.manifest["key"]) != key:
                 raise factory.Unusable(f"template {template.path} is not the current one")
             fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+            taps = PrivateTaps(factory.TEMPLATE_NICS)
             try:
-                qemu = QemuVM(self.config.hypervisor.path,
-                              factory.clone_config(vm, template, fd, pooled=True))
+                qemu = QemuVM(self.config.hypervisor.path, factory.clone_config(
+                    vm, template, fd, taps.__enter__().fds))
                 try:
                     await qemu.start()
                     await qemu.wait_restored(self.config.factory.restore_timeout)
@@ -251,6 +254,9 @@ class Daemon:
                 except BaseException:
                     await qemu.stop(timeout=1.0)
                     raise
+            except BaseException:
+                taps.close()
+                raise
             finally:
                 os.close(fd)
         except BaseException:
@@ -258,10 +264,11 @@ class Daemon:
             raise
         log.debug("pool: clone %s ready (pid %s), warmed up in %.3fs", slot_id, qemu.pid,
                   warm)
-        return Slot(slot_id, path, key, qemu)
+        return Slot(slot_id, path, key, qemu, taps)
 
     async def _discard(self, slot: Slot) -> None:
         await slot.vm.stop(timeout=1.0)
+        slot.taps.close()
         _remove_slot(slot.path)
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -276,7 +283,7 @@ class Daemon:
         fds: list[int] = []
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            line, fds = await asyncio.to_thread(recv_line, conn, factory.TEMPLATE_NICS)
+            line, fds = await asyncio.to_thread(recv_line, conn, 1)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
         except (OSError, ValueError) as exc:
             log.warning("pool: bad request: %s", exc)
@@ -303,30 +310,32 @@ class Daemon:
                 os.close(fd)
             writer.close()
 
-    async def _lease(self, request: dict[str, Any], taps: list[int],
+    async def _lease(self, request: dict[str, Any], fds: list[int],
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         slot = next((s for s in self.idle if s.key == request["take"]), None)
         if slot is None or self.stopping.is_set():
             why = self.last_error or "no pooled clone is ready"
             await _send(writer, {"error": why if slot is None else "the pool is stopping"})
             return
-        if len(taps) != request.get("taps", 0):
-            await _send(writer, {"error": f"{request.get('name')}: {len(taps)} taps came "
-                                          f"with a request for {request.get('taps')}"})
+        if len(fds) != (1 if request.get("netns") else 0):
+            await _send(writer, {"error": f"{request.get('name')}: {len(fds)} fds came "
+                                          f"with a request for netns={request.get('netns')}"})
             return
         self.idle.remove(slot)
         self.leased.add(slot.id)
         self.last_take = time.monotonic()
         log.debug("pool: clone %s leased to %s", slot.id, request.get("name"))
         try:
-            try:
-                for hub, tap in enumerate(taps):
-                    await slot.vm.attach_tap(hub, tap)
-            except HypervisorError as exc:  # half-connected: discarded, never handed out
-                await _send(writer, {"error": str(exc)})
-                return
+            names: list[str] = []
+            if fds:
+                try:
+                    names = await asyncio.to_thread(slot.taps.move, fds[0])
+                except HullError as exc:  # discarded, never handed out
+                    await _send(writer, {"error": str(exc)})
+                    return
             agent = await slot.vm.connect_agent(1.0)
-            data = json.dumps({"slot": str(slot.path), "pid": slot.vm.pid}).encode() + b"\n"
+            data = json.dumps({"slot": str(slot.path), "pid": slot.vm.pid,
+                               "taps": names}).encode() + b"\n"
             # A few bytes on an idle socket: sendmsg does not block. Through a dup, as the
             # transport's own socket object does not do sendmsg.
             with socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno())) as raw:
@@ -448,15 +457,15 @@ def stop(config: Config, timeout: float = 10.0) -> str:
         os.close(fd)
 
 
-async def take(config: Config, vm: VMConfig, name: str) -> PooledVM:
-    """Lease a pooled clone for ``vm`` (which must fit()), its NICs' taps joined to the
-    clone's; PoolError says why not."""
+async def take(config: Config, vm: VMConfig, name: str, netns: str | None = None
+               ) -> PooledVM:
+    """Lease a pooled clone for ``vm`` (which must fit()), its taps moved into the
+    network namespace ``netns`` (a path; None: no network); PoolError says why not."""
     key = factory.key_id(factory.template_key(vm, factory.vm_binary(config)))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    taps = [nic.tap_fd for nic in vm.nics]
     try:
         # The answer carries the fd: read it with recvmsg before asyncio owns the socket.
-        data, fds = await asyncio.to_thread(_take, sock, config, key, name, taps)
+        data, fds = await asyncio.to_thread(_take, sock, config, key, name, netns)
         answer = json.loads(data or b"{}")
         if "error" in answer or not fds:
             for fd in fds:
@@ -473,16 +482,24 @@ async def take(config: Config, vm: VMConfig, name: str) -> PooledVM:
         sock.close()
         raise
     agent = socket.socket(fileno=fds[0])
-    return PooledVM(name, reader, writer, agent, Path(answer["slot"]), int(answer["pid"]))
+    return PooledVM(name, reader, writer, agent, Path(answer["slot"]), int(answer["pid"]),
+                    [str(t) for t in answer.get("taps") or []])
 
 
-def _take(sock: socket.socket, config: Config, key: str, name: str, taps: list[int]
+def _take(sock: socket.socket, config: Config, key: str, name: str, netns: str | None
           ) -> tuple[bytes, list[int]]:
-    """Ask for a clone, sending ``taps``; the answer line and the fd attached to it."""
+    """Ask for a clone, sending the namespace ``netns``; the answer line and the fd
+    attached to it."""
     sock.settimeout(REQUEST_TIMEOUT)
     sock.connect(str(socket_path(config)))
-    request = json.dumps({"take": key, "name": name, "taps": len(taps)}).encode() + b"\n"
-    socket.send_fds(sock, [request], taps)  # a short line: sent whole
+    request = json.dumps({"take": key, "name": name, "netns": netns is not None}
+                         ).encode() + b"\n"
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
+    try:
+        socket.send_fds(sock, [request], [fd] if fd >= 0 else [])  # a short line: whole
+    finally:
+        if fd >= 0:
+            os.close(fd)
     data, fds = recv_line(sock, 1)
     sock.settimeout(None)
     return data, fds
@@ -495,8 +512,10 @@ class PooledVM(Hypervisor):
     capabilities = Capability.PAUSE | Capability.FS_SHARE
 
     def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 agent: socket.socket, slot: Path, pid: int) -> None:
+                 agent: socket.socket, slot: Path, pid: int, taps: list[str]) -> None:
         self.name, self.slot, self._pid = name, slot, pid
+        #: the names of the clone's taps, moved into the lessee's network namespace
+        self.taps = taps
         self._reader, self._writer, self._agent = reader, writer, agent
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next = 0

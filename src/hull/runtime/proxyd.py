@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HullError
-from hull.network import host as netns
 from hull.runtime.state import ContainerDir
 
 if TYPE_CHECKING:  # the VM side's modules: not for the clients that import connect()
     from hull.hypervisor.base import Share
+    from hull.network import host as netns
 
 log = logging.getLogger("hull.proxyd")
 SOCKET_NAME = "proxy.sock"
@@ -76,6 +76,7 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
     ``after_boot`` runs once the sandbox has its VM, before the handshake (the pod
     layout's binds, hull.runtime.layout)."""
     # Imported here: CLI commands import this module for connect(), and need neither.
+    from hull.network import host as netns
     from hull.proxy.router import Router
     from hull.runtime import sandboxinfo
     from hull.runtime.sandbox import Sandbox

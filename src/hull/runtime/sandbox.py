@@ -186,6 +186,8 @@ class Sandbox:
         self.cloned_from: Path | None = None
         #: the MACs the guest's NICs have, in order, when not the veths' (a clone's)
         self.device_macs: tuple[str, ...] = ()
+        #: a clone's NICs beyond the sandbox's own need taps too (PrivateTaps)
+        self.spare_taps: netns.PrivateTaps | None = None
 
     def vm_config(self) -> VMConfig:
         hv = self.config.hypervisor
@@ -241,12 +243,19 @@ class Sandbox:
 
     async def boot(self) -> None:
         """Start the VM (the guest is not up yet: follow with handshake())."""
-        await self.attach_network()
+        factory = self.template_config is None and self.config.factory.enabled
         try:
+            # A pooled clone comes first: its taps are moved into the sandbox's namespace
+            # before the veths are redirected to them (no taps of its own).
+            self._started = time.monotonic()
+            if factory and await self._take_pooled():
+                self._qemu_up = time.monotonic()
+                return
+            await self.attach_network()
             vm_config = self.template_config or self.vm_config()
-            if self.template_config is None and self.config.factory.enabled:
+            if factory:
                 self._started = time.monotonic()
-                if await self._take_pooled(vm_config) or await self._boot_clone(vm_config):
+                if await self._boot_clone(vm_config):
                     self._qemu_up = time.monotonic()
                     return
             self.vm = QemuVM(self.config.hypervisor.path, vm_config)
@@ -278,8 +287,10 @@ class Sandbox:
             return False
         fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
         vm: QemuVM | None = None
+        spares = netns.PrivateTaps(0)
         try:
-            clone = factory.clone_config(vm_config, template, fd)
+            spares = netns.PrivateTaps(factory.spare_taps_needed(vm_config)).__enter__()
+            clone = factory.clone_config(vm_config, template, fd, spares.fds)
             vm = QemuVM(self.config.hypervisor.path, clone)
             await vm.start()
             self._restore_marks = [("qemu start", time.monotonic())]
@@ -291,41 +302,53 @@ class Sandbox:
             if vm is not None:
                 vm.kill()
                 await vm.stop(timeout=1.0)
+            spares.close()
             return False
         finally:
             os.close(fd)
         self.vm = vm
+        self.spare_taps = spares
         self.cloned_from = template.path
         self.device_macs = factory.device_macs(len(vm_config.nics))
         log.debug("sandbox %s: cloned from %s", self.id, template.path)
         return True
 
-    async def _take_pooled(self, vm_config: VMConfig) -> bool:
+    async def _take_pooled(self) -> bool:
         """Lease a clone the pool restored ahead of demand (factory.pool_size), for a
         sandbox it can serve (hull.runtime.pool.fits) whose share directory is still
-        empty; its taps join the clone's NICs. False: restore a clone of its own."""
+        empty. The daemon moves the clone's taps into the sandbox's network namespace;
+        the veths are redirected to them (attach). False: the caller makes taps of its
+        own and restores a clone of its own."""
         if not self.config.factory.pool_size:
             return False
         from hull.runtime import factory, pool
 
+        vm_config = self.vm_config()  # no NICs yet: what the pool matches on
         if not pool.fits(vm_config) or any(vm_config.shares[0].path.iterdir()):
             return False
+        target = self.network.netns if self.network is not None else None
         try:
-            vm = await pool.take(self.config, vm_config, self.id)
+            vm = await pool.take(self.config, vm_config, self.id, target)
         except HullError as exc:
             log.info("sandbox %s: no pooled clone: %s", self.id, exc)
             return False
         try:
             vm.bind_share(vm_config.shares[0].path)
-        except OSError as exc:
+            if target is not None:
+                self.attachment = await asyncio.to_thread(
+                    netns.attach, target, self.network_record, vm.taps)
+            elif self.network is not None:
+                log.info("sandbox %s: %s", self.id, self.network.why)
+        except (OSError, HullError) as exc:
             log.warning("sandbox %s: cannot use the pooled clone %s: %s", self.id, vm.slot,
                         exc)
             await vm.stop(timeout=1.0)
+            self.release_network()
             return False
         self.vm = vm
         self.cloned_from = vm.slot
         self._restore_marks = [("lease", time.monotonic())]
-        self.device_macs = factory.device_macs(len(vm_config.nics))
+        self.device_macs = factory.device_macs(len(self.nics()))
         log.debug("sandbox %s: took the pooled clone %s", self.id, vm.slot)
         return True
 
@@ -388,6 +411,9 @@ class Sandbox:
         if self.attachment is not None:
             netns.detach(self.attachment)
             self.attachment = None
+        if self.spare_taps is not None:
+            self.spare_taps.close()
+            self.spare_taps = None
 
     async def handshake(self, ask: Asker) -> schema.HelloReply:
         """Say hello through ``ask`` until the agent answers, the VM dies, or time is up."""

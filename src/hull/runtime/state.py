@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,4 +171,6 @@ class ContainerDir:
         if left:
             raise HullError(f"container {self.id}: cannot unmount {', '.join(left)}; "
                             f"state left in {self.path}")
+        import shutil  # with bz2 and lzma: not for the verbs that never remove
+
         shutil.rmtree(self.path, ignore_errors=True)

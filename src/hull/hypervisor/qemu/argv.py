@@ -229,16 +229,13 @@ def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
                  "-device", f"{machine.device('9p')},fsdev=fs{i},mount_tag={share.tag}"]
     for i, nic in enumerate(config.nics):
         # The tap is an fd Hull opened: -sandbox spawn=deny rules out QEMU's ifup scripts.
-        # Without one, a port of a network hub that a tap joins later (a pooled clone),
-        # or no backend at all (tap_fd -1: a VM template's spare NIC).
-        backend = f"netdev=net{i}," if nic.tap_fd >= 0 or nic.hub >= 0 else ""
+        # Without one (tap_fd -1) the device has no backend.
+        backend = f"netdev=net{i}," if nic.tap_fd >= 0 else ""
         device = f"{machine.device('net')},{backend}mac={nic.mac},host_mtu={nic.mtu}"
         if machine.device_suffix == "-pci":
             device += ",romfile="  # no option ROM (no iPXE): the kernel is booted directly
-        if nic.tap_fd >= 0:
+        if backend:
             argv += ["-netdev", f"tap,id=net{i},fd={nic.tap_fd}"]
-        elif nic.hub >= 0:
-            argv += ["-netdev", f"hubport,id=net{i},hubid={nic.hub}"]
         argv += ["-device", device]
     if config.sandbox:
         argv += ["-sandbox", SANDBOX]

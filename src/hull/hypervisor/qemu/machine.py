@@ -253,25 +253,6 @@ class QemuVM(Hypervisor):
                                       f"migration {status}: {info.get('error-desc', '')}")
             await asyncio.sleep(0.01)
 
-    async def attach_tap(self, hub: int, tap_fd: int) -> None:
-        """Connect the tap ``tap_fd`` (opened by whoever needs it, in any network
-        namespace) to network hub ``hub``, whose other port is a NIC (argv: Nic.hub).
-        QEMU 7.2 cannot give a running NIC a backend, but a hub takes new ports: the fd
-        goes over QMP (SCM_RIGHTS, getfd), then a tap backend on it and a hub port that
-        joins it to the hub (netdev_add). QEMU keeps its own copy of the fd."""
-        if self._qmp is None:
-            raise HypervisorError(f"vm {self.config.name} is not running")
-        name = f"hulltap{hub}"
-        try:
-            self._qmp.send_fd_scm(tap_fd)
-            await self._qmp.execute("getfd", {"fdname": name})
-            await self._qmp.execute("netdev_add", {"type": "tap", "id": name, "fd": name})
-            await self._qmp.execute("netdev_add", {"type": "hubport", "id": f"{name}port",
-                                                   "hubid": hub, "netdev": name})
-        except (QMPError, OSError, EOFError) as exc:
-            raise HypervisorError(f"vm {self.config.name}: cannot attach a tap to network "
-                                  f"hub {hub}: {exc}") from exc
-
     async def wait_restored(self, timeout: float) -> None:
         """Wait until a VM started with ``incoming_fd`` has loaded its state and runs.
         A stream QEMU cannot load makes it exit: HypervisorError, never a hung VM."""
