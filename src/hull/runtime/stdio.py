@@ -9,7 +9,6 @@ holds back the stream's credit, which in turn holds back the process in the gues
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -87,8 +86,11 @@ class ProcessIO:
                         self.channel.send_data(stream, data), loop).result()
             except (OSError, HullError, RuntimeError, asyncio.CancelledError):
                 pass  # host stdin broke or the channel/loop ended: treat as EOF
-            with contextlib.suppress(RuntimeError):
-                asyncio.run_coroutine_threadsafe(self.channel.close_outbound(stream), loop)
+            close = self.channel.close_outbound(stream)
+            try:
+                asyncio.run_coroutine_threadsafe(close, loop)
+            except RuntimeError:  # the loop ended first: nothing left to tell the guest
+                close.close()
 
         # A daemon thread: a read blocked on a terminal must not keep Hull alive.
         self._stdin_thread = threading.Thread(target=pump, name=f"stdin-{stream}", daemon=True)
