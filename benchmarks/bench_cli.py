@@ -20,7 +20,6 @@ guest image for the hull side (e.g. one built with `--compression none`). Prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_run import config_with
-from benchmarks.common import busybox_bundle, hull_command, machine, pss_kib, report
+from benchmarks.common import busybox_bundle, hull_command, machine, report, sandbox_overhead
 
 DEVNULL = subprocess.DEVNULL
 
@@ -69,23 +68,6 @@ class Runtime:
         return took, total
 
 
-def sandbox_pss(state: Path, cid: str) -> tuple[int, int, int]:
-    """PSS (KiB) of a hull container's QEMU, proxy and shim, from its state file."""
-    data = json.loads((state / cid / "state.json").read_text())
-    qemu = int(data.get("vm_pid") or 0)
-    if not qemu:  # the proxy owns QEMU: find its child
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"qemu-system" in cmdline and f"hull-{cid},".encode() in cmdline:
-                    qemu = int(pid)
-                    break
-    return pss_kib(qemu), pss_kib(int(data.get("proxy_pid") or 0)), pss_kib(int(data["pid"]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +99,7 @@ def main() -> None:
             rt.run("create", "--bundle", str(bundle), f"{rt.name}-x")
             rt.run("start", f"{rt.name}-x")
         try:
-            pss = sandbox_pss(hull_state, "hull-x")
+            pss = sandbox_overhead(hull_state)["hull-x"]
             execs: dict[str, list[float]] = {"runc": [], "hull": []}
             rates: dict[str, list[float]] = {"runc": [], "hull": []}
             for _ in range(args.reps):
@@ -150,13 +132,12 @@ def main() -> None:
           f"({1 / min(rates['hull']):.0f}) | {r:.0f} MB/s ({1 / min(rates['runc']):.0f}) | "
           f"{h / r:.2f}x |")
     print()
-    qemu, proxy, shim = pss
     print("| host memory of an idle sandbox (PSS) | hull |")
     print("|---|---|")
-    print(f"| QEMU | {qemu / 1024:.0f} MiB |")
-    print(f"| proxy (`hull proxy`) | {proxy / 1024:.0f} MiB |")
-    print(f"| shim of the init process (`hull shim`) | {shim / 1024:.0f} MiB |")
-    print(f"| total | {(qemu + proxy + shim) / 1024:.0f} MiB |")
+    print(f"| QEMU | {pss['qemu'] / 2**20:.0f} MiB |")
+    print(f"| proxy (`hull proxy`) | {pss['proxy'] / 2**20:.0f} MiB |")
+    print(f"| shim of the init process (`hull shim`) | {pss['shims'] / 2**20:.0f} MiB |")
+    print(f"| total | {sum(pss.values()) / 2**20:.0f} MiB |")
 
 
 if __name__ == "__main__":

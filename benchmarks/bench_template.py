@@ -16,8 +16,9 @@ children it reaped (its QEMU, except for a pooled clone's: the pool daemon's chi
 
 Idle sandboxes: ``--idle`` sandboxes of each kind are created (`hull create`, the
 container created, not started) and kept alive together; PSS is summed over QEMU and the
-Hull processes serving each (its `hull proxy`), so pages clones share with the template
-and with each other count once, split between them.
+Hull processes serving each (its `hull proxy` and `hull shim`: `hull monitor`'s
+accounting), so pages clones share with the template and with each other count once,
+split between them.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from benchmarks.common import (
     machine,
     median_ms,
     phase_table,
-    pss_kib,
     report,
+    sandbox_overhead,
 )
 
 
@@ -69,24 +70,10 @@ def run_once(argv: list[str]) -> tuple[float, str]:
     return wall, done.stderr.decode()
 
 
-def sandbox_pss_kib(sandbox_id: str) -> int:
-    """PSS of every process serving one sandbox: QEMU (-name hull-ID) and `hull proxy`."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in cmdline]
-        if f"hull-{sandbox_id},debug-threads=on" in args or (
-                "proxy" in args and any(sandbox_id in a for a in args)):
-            total += pss_kib(int(pid))
-    return total
-
-
-def idle_pss(hull: list[str], config: Path, bundle: Path, count: int, tag: str
+def idle_pss(hull: list[str], root: Path, config: Path, bundle: Path, count: int, tag: str
              ) -> list[float]:
-    """MiB per sandbox, with ``count`` idle sandboxes alive at once."""
+    """MiB per sandbox (QEMU, proxy and shims), with ``count`` idle sandboxes alive at
+    once."""
     ids = [f"idle-{tag}-{i}" for i in range(count)]
     created: list[str] = []
     try:
@@ -100,7 +87,8 @@ def idle_pss(hull: list[str], config: Path, bundle: Path, count: int, tag: str
                 raise SystemExit(f"hull create {sid} failed")
             created.append(sid)
         time.sleep(2)  # let every guest settle
-        return [sandbox_pss_kib(sid) / 1024 for sid in ids]
+        overhead = sandbox_overhead(root)
+        return [sum(overhead.get(sid, {}).values()) / 2**20 for sid in ids]
     finally:
         for sid in created:
             subprocess.run([*hull, "delete", "--force", sid], capture_output=True, check=False)
@@ -156,8 +144,8 @@ def main() -> None:
                     if kind != "cold" and "booting cold" in runs.stderr:
                         raise SystemExit(f"the {kind} run booted cold: {runs.stderr.strip()}")
             idle_bundle = busybox_bundle(work / "idle", ["/bin/sleep", "1000"])
-            pss_cold = idle_pss(hull, cold, idle_bundle, args.idle, "cold")
-            pss_clone = idle_pss(hull, warm, idle_bundle, args.idle, "clone")
+            pss_cold = idle_pss(hull, work / "state", cold, idle_bundle, args.idle, "cold")
+            pss_clone = idle_pss(hull, work / "state", warm, idle_bundle, args.idle, "clone")
         finally:
             subprocess.run([*hull, "--config", str(pooled), "factory", "destroy"],
                            capture_output=True, check=False)

@@ -101,16 +101,11 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size of one process, in KiB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+def sandbox_overhead(root: Path) -> dict[str, dict[str, int]]:
+    """Host PSS (bytes) of every live CLI-mode sandbox under ``root``, by component
+    (qemu, proxy, shims: every Hull process serving it): `hull monitor`'s accounting."""
+    from hull.runtime.monitor import cli_sandboxes  # prometheus_client: only when asked
+    return {facts.label: facts.overhead for facts in cli_sandboxes(root)}
 
 
 def machine() -> str:

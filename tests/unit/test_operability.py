@@ -61,6 +61,23 @@ def test_optional_findings_do_not_fail_the_check() -> None:
     assert not hostcheck.healthy([*findings, hostcheck.Finding("image", False, "stale")])
 
 
+def test_ksm_finding_names_the_settings_that_are_off(tmp_path: Path) -> None:
+    ksm = tmp_path / "ksm"
+    missing = hostcheck.check_ksm(str(ksm))
+    assert not missing.ok and not missing.required and "CONFIG_KSM" in missing.fix
+    ksm.mkdir()
+    (ksm / "run").write_text("0\n")
+    (ksm / "use_zero_pages").write_text("0\n")
+    off = hostcheck.check_ksm(str(ksm))
+    assert not off.ok and f"{ksm}/run = 0" in off.detail
+    assert off.fix == f"echo 1 > {ksm}/use_zero_pages; echo 1 > {ksm}/run"
+    (ksm / "run").write_text("1\n")
+    no_zero = hostcheck.check_ksm(str(ksm))
+    assert not no_zero.ok and "use_zero_pages = 0" in no_zero.detail
+    (ksm / "use_zero_pages").write_text("1\n")
+    assert hostcheck.check_ksm(str(ksm)).ok
+
+
 def test_tun_cgroups_containerd_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not hostcheck.check_tun(str(tmp_path / "tun")).ok
     assert "modprobe tun" in hostcheck.check_tun(str(tmp_path / "tun")).fix

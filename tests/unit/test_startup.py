@@ -177,6 +177,24 @@ def test_every_verb_is_in_the_registry_of_its_module() -> None:
     assert everything == {verb for verbs in cli_main.VERBS.values() for verb in verbs}
 
 
+def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
+    """`hull shim` lives as long as its container process: no TLS (asyncio's ssl), no
+    VM side, no host networking in its memory (docs/performance.md, host memory)."""
+    (tmp_path / "c1").mkdir()
+    code = ("import os, sys\n"
+            "from hull.cli import main\n"
+            "r, w = os.pipe()\n"
+            f"status = main.main(['--root', {str(tmp_path)!r}, 'shim', '--ready-fd', str(w),"
+            f" '--process', {str(tmp_path / 'missing.json')!r}, 'c1'])\n"
+            "print(status, os.read(r, 500).decode().strip())\n"
+            "print(sorted(m for m in ('ssl', '_ssl', 'hull.network.host', 'hull.runtime.sandbox',"
+            " 'qemu.qmp', 'hull.hypervisor.qemu.machine') if sys.modules.get(m)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout.splitlines()
+    assert out[0].startswith("1 ") and "missing.json" in out[0]  # it got as far as reading
+    assert out[1] == "[]"
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["state", "x"], {"state"}),
     (["--root", "/tmp/r", "--log-format", "json", "exec", "x", "true"], {"exec"}),
