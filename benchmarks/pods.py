@@ -28,7 +28,7 @@ from tests.integration.cri.fixture import CriEnv, start_cri, stop_cri
 
 from benchmarks.common import hull_command, run_quiet
 
-SHIMS = ("containerd-shim-runc-v2", "hull.shim.v2.main")
+SHIMS = ("containerd-shim-runc-v2", "containerd-shim-hull-v2")
 
 
 @contextmanager
@@ -69,10 +69,12 @@ def shim_trees(env: CriEnv) -> dict[int, list[int]]:
     address = f"-address {env.containerd.socket} "
     trees = {}
     for pid, (_, cmd) in procs.items():
-        words = cmd.split()
-        # The long-lived shims, not their short `start`/`delete` invocations.
-        if (address in cmd and any(s in cmd for s in SHIMS)
-                and words[-1] not in ("start", "delete")):
+        # The long-lived shims, not their short `start`/`delete` invocations. Hull's is
+        # the forked child of a `start`, in a session of its own (hull.shim.v2.main).
+        if address not in cmd or not any(s in cmd for s in SHIMS):
+            continue
+        last = cmd.split()[-1]
+        if last != "delete" and (last != "start" or _session_leader(pid)):
             tree, todo = [], [pid]
             while todo:
                 p = todo.pop()
@@ -80,6 +82,14 @@ def shim_trees(env: CriEnv) -> dict[int, list[int]]:
                 todo.extend(children.get(p, []))
             trees[pid] = tree
     return trees
+
+
+def _session_leader(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return int(fields[3]) == pid  # the session id, after state, ppid and pgrp
 
 
 def leased_qemus(env: CriEnv) -> list[int]:
@@ -117,7 +127,7 @@ def describe(pid: int) -> str:
     text = " ".join(c.decode(errors="replace") for c in cmd[:3])
     if "qemu-system" in text:
         return "qemu"
-    if "hull.shim.v2.main" in text:
+    if "containerd-shim-hull-v2" in text:
         return "hull shim"
     if "containerd-shim-runc-v2" in text:
         return "runc shim"
@@ -170,7 +180,7 @@ def wait_pool(hull: list[str], idle: int, timeout: float) -> None:
 
 #: (phase, the log event that ends it), in the order of a pod's start. Each phase runs
 #: from the previous event to its own; the events come from containerd's log (its own
-#: lines, and the shim's, which Hull stamps: hull.shim.v2.main.setup_logging).
+#: lines, and the shim's, which Hull stamps: hull.shim.v2.daemon.setup_logging).
 PHASES = (
     ("CRI: sandbox spec, snapshot", "cni begin"),
     ("CNI (bridge, IPAM)", "cni end"),

@@ -47,8 +47,10 @@ def wait_status(c: Containerd, task_id: str, status: str, timeout: float = 30) -
 
 
 def shim_pids(task_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"hull.shim.v2.main .*-id {task_id}( -debug)? serve"],
-                         capture_output=True, text=True, check=False).stdout
+    # The daemon is the forked child of `start` (hull.shim.v2.main): the same command line.
+    pattern = f"containerd-shim-hull-v2 .*-id {task_id}( -debug)? start"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True,
+                         check=False).stdout
     return [int(p) for p in out.split()]
 
 

@@ -321,3 +321,50 @@ def test_guest_links_by_mac(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     assert guest_links(str(tmp_path)) == {"02:aa:00:00:00:01": (2, "eth0"),
                                           "02:aa:00:00:00:02": (3, "eth1")}
+
+
+# ------------------------------------------------------------------------ host side
+
+_ATTACH_IN_A_PRIVATE_NAMESPACE = """
+import os, subprocess, sys, time
+from hull.network import host
+
+holder = subprocess.Popen(["unshare", "-n", "sleep", "60"])
+try:
+    netns = f"/proc/{holder.pid}/ns/net"
+    while os.readlink(netns) == os.readlink("/proc/self/ns/net"):
+        time.sleep(0.01)  # until unshare has run
+    def make_veth() -> None:
+        with host._iproute() as ipr:
+            ipr.link("add", ifname="veth0", kind="veth", peer="veth1")
+    fd = os.open(netns, os.O_RDONLY)
+    host.in_netns(fd, make_veth)
+    att = host.attach(netns)
+    def u32_filters() -> int:
+        with host._iproute() as ipr:
+            return len([f for f in ipr.get_filters(index=att.endpoints[0].index,
+                                                    parent=0xFFFF0000)
+                        if f.get_attr("TCA_KIND") == "u32"])
+    filters = host.in_netns(fd, u32_filters)
+    host.detach(att)
+    print(sorted(ep.name for ep in att.endpoints), filters > 0,
+          host.in_netns(fd, u32_filters), "pyroute2.ndb" in sys.modules,
+          "pyroute2.ipdb" in sys.modules)
+finally:
+    holder.kill()
+    holder.wait()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                    reason="needs root and /dev/net/tun")
+def test_attach_imports_only_the_netlink_part_of_pyroute2() -> None:
+    import subprocess
+    import sys
+
+    # The namespace is a `sleep`'s (unshare -n), gone with it: nothing left to clean up.
+    out = subprocess.run([sys.executable, "-c", _ATTACH_IN_A_PRIVATE_NAMESPACE],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    # Both veths mirrored to a tap each, filters in place, then removed; no ndb, no ipdb.
+    assert out.stdout.strip() == "['veth0', 'veth1'] True 0 False False"

@@ -229,11 +229,105 @@ def test_start_flags_and_grouping(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_shim_log_lines_carry_the_task_id(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
-    from hull.shim.v2 import main as shim_main
+    from hull.shim.v2 import daemon
 
-    shim_main.setup_logging("task-7", debug=False)
+    daemon.setup_logging("task-7", debug=False)
     logging.getLogger("hull.shim").warning("something happened")
     logging.getLogger("hull.shim").warning("of another", extra={"container_id": "c2"})
     err = capsys.readouterr().err
     assert "[task-7] hull.shim: something happened" in err
     assert "[c2] hull.shim: of another" in err
+
+
+def test_go_style_flags() -> None:
+    args = main.parse_args(["--namespace=ns", "-id", "x", "-debug=false", "-bundle", "/b",
+                            "delete"])
+    assert (args.namespace, args.id, args.debug, args.bundle, args.action) == (
+        "ns", "x", False, "/b", "delete")
+    assert main.parse_args(["-v"]).version
+    with pytest.raises(main.UsageError, match="not defined: -nope"):
+        main.parse_args(["-nope", "start"])
+    with pytest.raises(main.UsageError, match="needs an argument: -id"):
+        main.parse_args(["-id"])
+
+
+def test_start_imports_only_what_it_needs() -> None:
+    import subprocess
+    import sys
+
+    # `start` runs for every task: each of these costs milliseconds (docs/performance.md).
+    heavy = ("argparse", "logging", "json", "pathlib", "subprocess", "asyncio", "re",
+             "google.protobuf", "pyroute2")
+    code = ("import sys, hull.shim.v2.main\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _shim_start(bundle: Path, root: Path, task_id: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, main.STATE_ROOT_ENV: str(root),
+           "TTRPC_ADDRESS": str(root / "no-containerd.ttrpc")}
+    # capture_output: returns only once nothing holds the pipes, as containerd's
+    # CombinedOutput; a daemon that kept them would hang this call.
+    out = subprocess.run([sys.executable, "-m", "hull.shim.v2.main", "-namespace", "ns",
+                          "-address", "/run/test-containerd.sock", "-publish-binary",
+                          "/bin/false", "-id", task_id, "start"], cwd=bundle, env=env,
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert out.stderr == ""
+    return out.stdout
+
+
+def test_start_forks_a_detached_daemon_and_joins_a_pod(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from hull.shim import ttrpc
+
+    root = tmp_path / "root"
+    pod, ctr = tmp_path / "pod", tmp_path / "ctr"
+    pod.mkdir()
+    ctr.mkdir()
+    (pod / "config.json").write_text("{}")
+    (pod / "log").touch()  # a file where containerd has a fifo
+    (ctr / "config.json").write_text(json.dumps({"annotations": {main.SANDBOX_ID: "pod-1"}}))
+    address = _shim_start(pod, root, "pod-1")
+    pid = 0
+    try:
+        assert address.startswith("unix://") and (pod / "address").read_text() == address
+
+        async def connect() -> int:
+            client = await ttrpc.Client.connect(address)
+            try:
+                reply = shim_pb2.ConnectResponse.FromString(await client.call(
+                    service.SERVICE, "Connect",
+                    shim_pb2.ConnectRequest(id="pod-1").SerializeToString(), timeout=10))
+            finally:
+                await client.close()
+            return reply.shim_pid
+
+        pid = asyncio.run(connect())
+        assert os.getsid(pid) == pid  # a session of its own
+        assert Path(f"/proc/{pid}/cwd").resolve() == pod.resolve()
+        # The container of the pod gets the running shim's address; no second daemon.
+        assert _shim_start(ctr, root, "ctr-1") == address
+        assert (ctr / "address").read_text() == address
+        deadline = time.monotonic() + 10
+        while "serving on" not in (pod / "log").read_text():  # the daemon's stderr
+            assert time.monotonic() < deadline, (pod / "log").read_text()
+            time.sleep(0.01)
+        assert "[pod-1] hull.shim: shim for ns/pod-1 serving on" in (pod / "log").read_text()
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not Path(f"/proc/{pid}").exists()
+    assert not Path(address.removeprefix("unix://")).exists()  # removed on the way out

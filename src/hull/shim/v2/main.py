@@ -8,137 +8,214 @@ subcommand"; containerd runtime/v2/binary.go, shim/shim.go):
   address) and write it to ``<bundle>/address``. A container whose
   ``io.kubernetes.cri.sandbox-id`` names a pod whose shim already listens gets that
   shim's address (one VM per pod, as Kata). Otherwise the socket is bound here, so it
-  already accepts when the address is printed, and handed to a detached daemon (new
-  session, stdio off containerd's pipes, stderr to the bundle's ``log`` fifo).
+  already accepts when the address is printed, and the daemon is ``start``'s forked
+  child (new session, stdio off containerd's pipes, stderr to the bundle's ``log`` fifo;
+  hull.shim.v2.daemon).
 - ``... -bundle B delete``: clean up after a shim that died; prints a DeleteResponse.
-- ``... serve``: the daemon (internal; what ``start`` runs).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import hashlib
-import json
-import logging
+# `start` runs for every task of every pod, and a new pod's daemon is this same process
+# after a fork: only what `start` needs is imported here (no argparse, logging, json,
+# pathlib, subprocess: ~25 ms and 70 modules of a start that a joining container paid
+# in full, and a new pod twice, the daemon being a second interpreter before).
+import _socket  # socket.py would add enum and selectors (~5 ms); the daemon wraps it
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
+
+from hull.errors import HullError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 STATE_ROOT_ENV = "HULL_SHIM_ROOT"
-LISTEN_FD_ENV = "HULL_SHIM_LISTEN_FD"
 DEFAULT_STATE_ROOT = "/run/hull-shim"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 KILLED_STATUS = 128 + 9  # containerd's runc shim reports 137 for a task it cleaned up
 
-log = logging.getLogger("hull.shim")
+_STRING_FLAGS = ("namespace", "address", "publish-binary", "id", "bundle", "socket")
+_BOOL_FLAGS = ("debug", "v", "version")
+
+
+class Flags:
+    """The command line, as containerd's shim package defines it (Go's ``flag``)."""
+
+    def __init__(self) -> None:
+        self.namespace = self.address = self.publish_binary = self.id = ""
+        self.bundle = self.socket = self.action = ""
+        self.debug = self.version = False
+
+
+class UsageError(HullError):
+    """A command line the shim does not understand (exit status 2, as Go's flag)."""
+
+
+def parse_args(argv: list[str]) -> Flags:
+    """Go's flag package: ``-name value``, ``-name=value``, ``--name`` alike, bool flags
+    without a value; the first argument that is not a flag is the action."""
+    flags = Flags()
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":  # the end of the flags
+            flags.action = next(args, "")
+            break
+        if not arg.startswith("-") or arg == "-":
+            flags.action = arg
+            break
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            on = not has_value or value.lower() in ("1", "t", "true")
+            if name == "debug":
+                flags.debug = on
+            else:
+                flags.version = on
+        elif name in _STRING_FLAGS:
+            if not has_value:
+                try:
+                    value = next(args)
+                except StopIteration:
+                    raise UsageError(f"flag needs an argument: -{name}") from None
+            setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+    return flags
 
 
 def state_root() -> Path:
-    return Path(os.environ.get(STATE_ROOT_ENV, DEFAULT_STATE_ROOT))
+    from pathlib import Path
+
+    return Path(_state_root())
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    # Go's flag package: single-dash long flags (two dashes work too).
-    parser = argparse.ArgumentParser(prog="containerd-shim-hull-v2", prefix_chars="-")
-    for flag in ("namespace", "address", "publish-binary", "id", "bundle", "socket"):
-        parser.add_argument(f"-{flag}", f"--{flag}", default="")
-    parser.add_argument("-debug", "--debug", action="store_true")
-    parser.add_argument("-v", "--version", action="store_true")
-    parser.add_argument("action", nargs="?", default="")
-    return parser.parse_args(argv)
+def _state_root() -> str:
+    return os.environ.get(STATE_ROOT_ENV, DEFAULT_STATE_ROOT)
 
 
-def group_of(bundle: Path, task_id: str) -> str:
+def group_of(bundle: str | os.PathLike[str], task_id: str) -> str:
     """The pod a task belongs to: CRI's sandbox id, else the task itself."""
+    from hull.agentapi import wirejson  # the json package would import re (~5 ms)
+
     try:
-        spec = json.loads((bundle / "config.json").read_text())
-        group = (spec.get("annotations") or {}).get(SANDBOX_ID)
-    except (OSError, ValueError, AttributeError):
+        with open(os.path.join(bundle, "config.json"), "rb") as spec_file:
+            spec = wirejson.loads(spec_file.read().strip())
+        annotations = spec.get("annotations") if isinstance(spec, dict) else None
+        group = annotations.get(SANDBOX_ID) if isinstance(annotations, dict) else None
+    except (OSError, ValueError):
         group = None
     return group if isinstance(group, str) and group else task_id
 
 
-def socket_path(containerd_address: str, namespace: str, group: str) -> Path:
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    # CPython's own SHA-256: hashlib would load OpenSSL's libcrypto (~2 ms of every start).
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:
+        from hashlib import sha256
+
     # Short and unique per containerd instance, namespace and pod (cf. runc's
     # shim/util_unix.go SocketAddress): sun_path holds only 108 bytes.
-    digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}".encode()).hexdigest()
-    return state_root() / "s" / f"{digest[:32]}.sock"
+    digest = sha256(f"{containerd_address}/{namespace}/{group}".encode()).hexdigest()
+    return os.path.join(_state_root(), "s", f"{digest[:32]}.sock")
 
 
-def listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+def listening(path: str) -> bool:
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
         probe.settimeout(2)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
     return True
 
 
 # ---------------------------------------------------------------------------- start
 
 
-def start(args: argparse.Namespace) -> int:
-    bundle = Path.cwd()
+def start(args: Flags) -> int:
+    """Print the pod's address; a new pod's shim is this process's forked child."""
+    bundle = os.getcwd()
     path = socket_path(args.address, args.namespace, group_of(bundle, args.id))
     address = f"unix://{path}"
     if not listening(path):
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a dead shim's socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(128)
+        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+        _unlink(path)  # a dead shim's socket
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            _spawn_daemon(args, bundle, sock)
+            sock.bind(path)
+            sock.listen(128)  # accepting before containerd learns the address
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # A fork, not a fresh interpreter: the daemon starts from this one's imports.
+            child = os.fork()
         except OSError:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
             sock.close()
-    (bundle / "address").write_text(address)
+            _unlink(path)
+            raise
+        if child == 0:
+            return _daemon(args, bundle, sock)
+        sock.close()
+    with open(os.path.join(bundle, "address"), "w") as address_file:
+        address_file.write(address)
     sys.stdout.write(address)
     return 0
 
 
-def _log_fd(bundle: Path) -> int:
+def _unlink(path: str) -> None:
+    # Not contextlib.suppress: contextlib (with collections, functools) is ~2 ms of start.
+    try:  # noqa: SIM105
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _log_fd(bundle: str) -> int:
     """The bundle's `log` fifo (containerd reads it), else /dev/null; never blocking."""
     try:
-        fd = os.open(bundle / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     os.set_blocking(fd, True)
     return fd
 
 
-def _spawn_daemon(args: argparse.Namespace, bundle: Path, sock: socket.socket) -> None:
-    argv = [sys.executable, "-m", "hull.shim.v2.main", "-namespace", args.namespace,
-            "-address", args.address, "-publish-binary", args.publish_binary,
-            "-id", args.id, *(["-debug"] if args.debug else []), "serve"]
-    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno())}
+def _daemon(args: Flags, bundle: str, sock: _socket.socket) -> int:
+    """The forked child: detach from containerd, then serve until Shutdown or SIGTERM."""
+    # A new session and none of containerd's pipes: containerd waits for start's output
+    # to end (cmd.CombinedOutput), which must not wait for the daemon; its log lines go
+    # to the bundle's `log` fifo.
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
     log_fd = _log_fd(bundle)
-    try:
-        # A new session and no inherited pipes: containerd waits for start's output to
-        # end (cmd.CombinedOutput), which must not wait for the daemon.
-        subprocess.Popen(argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=log_fd, pass_fds=(sock.fileno(),),
-                         start_new_session=True)
-    finally:
-        os.close(log_fd)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(log_fd, 2)
+    os.close(null)
+    os.close(log_fd)
+    import asyncio
+    import socket
+
+    from hull.shim.v2 import daemon
+
+    daemon.setup_logging(args.id, args.debug)
+    listener = socket.socket(fileno=sock.detach())
+    return asyncio.run(daemon.serve(args.namespace, args.address, args.id, listener,
+                                    _state_root()))
 
 
 # ---------------------------------------------------------------------------- delete
 
 
-def delete(args: argparse.Namespace) -> int:
+def delete(args: Flags) -> int:
     """Clean up what a dead shim left for task ``args.id``: VM, network, mounts, state,
     socket."""
+    import contextlib
+    import datetime
+    from pathlib import Path
+
     from hull.network import host as netns
     from hull.runtime import sharedfs
     from hull.shim.proto import shim_pb2
@@ -147,8 +224,8 @@ def delete(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     group = group_of(bundle, args.id)
     state = state_root() / args.namespace / group
-    path = socket_path(args.address, args.namespace, group)
-    alive = listening(path)
+    path = Path(socket_path(args.address, args.namespace, group))
+    alive = listening(str(path))
     if not alive:
         _kill_pidfile(state / "qemu.pid")
         # The dead shim's tc filters are still on the pod's veths (Pod.close removes them).
@@ -180,9 +257,13 @@ def delete(args: argparse.Namespace) -> int:
 
 
 def _kill_pidfile(path: Path) -> None:
+    import contextlib
+    import signal
+
     try:
         pid = int(path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline_file:
+            cmdline = cmdline_file.read()
     except (OSError, ValueError):
         return
     if b"qemu" in cmdline:  # the pid may have been reused by something else
@@ -190,105 +271,24 @@ def _kill_pidfile(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-# ---------------------------------------------------------------------------- serve
-
-
-async def serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from hull.config import settings
-    from hull.shim import ttrpc
-    from hull.shim.v2 import service
-    from hull.shim.v2.events import Publisher
-    from hull.shim.v2.pod import Pod
-
-    sock = socket.socket(fileno=int(os.environ.pop(LISTEN_FD_ENV)))
-    sock_path = sock.getsockname()
-    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc"
-    publisher = Publisher(ttrpc_address, args.namespace)
-    pod = Pod(args.namespace, state_root(), publisher,
-              lambda path: settings.load(path or None))
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    server = ttrpc.Server()
-    server.register(service.SERVICE, service.TaskService(pod, done.set).handlers())
-    await server.start(sock)
-    log.info("shim for %s/%s serving on %s", args.namespace, args.id, sock_path)
-    try:
-        await done.wait()
-    finally:
-        await pod.close()
-        await publisher.close()
-        await server.close()
-        with contextlib.suppress(OSError):
-            os.unlink(sock_path)
-    return 0
-
-
-class _TaskId(logging.Filter):
-    """Stamps records with the id of the task the shim was started for (a pod's shim: the
-    sandbox's), unless a record names its own container."""
-
-    def __init__(self, task_id: str) -> None:
-        super().__init__()
-        self.task_id = task_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "container_id", None):
-            record.container_id = self.task_id
-        return True
-
-
-#: Libraries whose debug and info lines are per-message chatter, costly to format (a
-#: netlink message, a QMP exchange): only their warnings are kept.
-CHATTY = ("pyroute2", "qemu.qmp")
-
-
-def _not_chatty(record: logging.LogRecord) -> bool:
-    # A filter, not a level: importing pyroute2 resets its logger's level to NOTSET.
-    return record.levelno >= logging.WARNING or not record.name.startswith(CHATTY)
-
-
-def setup_logging(task_id: str, debug: bool) -> None:
-    """Log lines on stderr (containerd's `log` fifo once serving), each with the id."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_TaskId(task_id or "-"))
-    handler.addFilter(_not_chatty)
-    # containerd copies these lines to its log as they are, without a time of its own:
-    # the shim stamps them (ms: benchmarks/bench_pods.py reads where the time went).
-    formatter = logging.Formatter(
-        "hull-shim %(asctime)s.%(msecs)03dZ %(levelname)s [%(container_id)s] %(name)s: "
-        "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime  # UTC, as containerd's own lines
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    # Hull's own loggers report through the root handler here (the CLI gives "hull" a
-    # handler of its own; the shim process must not depend on what else configured it).
-    hull_logger = logging.getLogger("hull")
-    hull_logger.handlers.clear()
-    hull_logger.propagate = True
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"containerd-shim-hull-v2: {exc}", file=sys.stderr)
+        return 2
     if args.version:
         from hull import __version__
 
         print(f"containerd-shim-hull-v2 (hull {__version__})")
         return 0
-    setup_logging(args.id, args.debug)
     if args.action == "start":
         return start(args)
     if args.action == "delete":
-        return delete(args)
-    if args.action == "serve":
-        import asyncio  # only the daemon: `start` runs for every task, and must be quick
+        from hull.shim.v2 import daemon
 
-        return asyncio.run(serve(args))
+        daemon.setup_logging(args.id, args.debug)
+        return delete(args)
     print(f"containerd-shim-hull-v2: unknown action {args.action!r}", file=sys.stderr)
     return 2
 
