@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hull.config import settings
+from hull.logids import ContainerIdFilter
 
 DEFAULT_ROOT = Path("/run/hull")
 log = logging.getLogger("hull")
@@ -63,19 +64,6 @@ class JsonFormatter(logging.Formatter):
         if cid:
             entry["id"] = cid
         return json.dumps(entry)
-
-
-class ContainerIdFilter(logging.Filter):
-    """Stamps every record with the container id the process serves (unless it has one)."""
-
-    def __init__(self, container_id: str) -> None:
-        super().__init__()
-        self.container_id = container_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "container_id", None):
-            record.container_id = self.container_id
-        return True
 
 
 class TextFormatter(logging.Formatter):

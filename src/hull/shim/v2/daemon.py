@@ -11,6 +11,8 @@ import socket
 import sys
 import time
 
+from hull.logids import ContainerIdFilter
+
 log = logging.getLogger("hull.shim")
 
 
@@ -49,20 +51,6 @@ async def serve(namespace: str, containerd_address: str, task_id: str,
     return 0
 
 
-class _TaskId(logging.Filter):
-    """Stamps records with the id of the task the shim was started for (a pod's shim: the
-    sandbox's), unless a record names its own container."""
-
-    def __init__(self, task_id: str) -> None:
-        super().__init__()
-        self.task_id = task_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "container_id", None):
-            record.container_id = self.task_id
-        return True
-
-
 #: Libraries whose debug and info lines are per-message chatter, costly to format (a
 #: netlink message, a QMP exchange): only their warnings are kept.
 CHATTY = ("pyroute2", "qemu.qmp")
@@ -76,7 +64,7 @@ def _not_chatty(record: logging.LogRecord) -> bool:
 def setup_logging(task_id: str, debug: bool) -> None:
     """Log lines on stderr (containerd's `log` fifo once serving), each with the id."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_TaskId(task_id or "-"))
+    handler.addFilter(ContainerIdFilter(task_id or "-"))
     handler.addFilter(_not_chatty)
     # containerd copies these lines to its log as they are, without a time of its own:
     # the shim stamps them (ms: benchmarks/bench_pods.py reads where the time went).
