@@ -20,14 +20,19 @@ import os
 import re
 import resource
 import statistics
-import subprocess
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import busybox_bundle, hull_command, machine, phase_table, report
+from benchmarks.common import (
+    busybox_bundle,
+    hull_command,
+    machine,
+    phase_table,
+    report,
+    run_timed,
+)
 
 #: "run ID timing: total 1.790s: setup 0.001s, boot 1.495s, ..." (hull.runtime.run)
 RUN_TIMING = re.compile(r"run \S+ timing: total ([0-9.]+)s: (.*)")
@@ -89,14 +94,8 @@ class HullRuns:
         argv = [*hull_command(), "--root", str(self.work / "hull-state"), "--debug",
                 "--log", str(log), "run", "-b", str(self.bundle), f"{self.label}{i}"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env=env, check=False)
-        wall = time.perf_counter() - start
+        wall, self.stderr = run_timed(argv, env)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.stderr = done.stderr.decode()
-        if done.returncode != 0:
-            raise SystemExit(f"hull run failed: {self.stderr.strip()}")
         self.cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         text = log.read_text()
         run, boot = RUN_TIMING.search(text), BOOT.search(text)
@@ -109,17 +108,6 @@ class HullRuns:
         steps.update((RUN_PHASES.get(k, k), v) for k, v in phases(run.group(2)).items())
         self.run_phases.append(steps)
         self.boot_phases.append(phases(boot.group(2)))
-
-
-def runc_once(work: Path, bundle: Path, i: int) -> float:
-    argv = ["runc", "--root", str(work / "runc-state"), "run", "-b", str(bundle), f"r{i}"]
-    start = time.perf_counter()
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"runc run failed: {done.stderr.decode().strip()}")
-    return wall
 
 
 def main() -> None:
@@ -147,7 +135,8 @@ def main() -> None:
             variants.append(profiled)
         runc: list[float] = []
         for i in range(args.reps):
-            runc.append(runc_once(work, bundle, i))
+            runc.append(run_timed(["runc", "--root", str(work / "runc-state"), "run", "-b",
+                                   str(bundle), f"r{i}"])[0])
             for runs in variants:
                 runs.once(i)
     with open("/proc/loadavg") as f:

@@ -43,6 +43,7 @@ from benchmarks.common import (
     median_ms,
     phase_table,
     report,
+    run_timed,
     sandbox_overhead,
 )
 
@@ -60,16 +61,6 @@ def write_config(work: Path, name: str, **factory: Any) -> Path:
     return path
 
 
-def run_once(argv: list[str]) -> tuple[float, str]:
-    start = time.perf_counter()
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode().strip()}")
-    return wall, done.stderr.decode()
-
-
 def idle_pss(hull: list[str], root: Path, config: Path, bundle: Path, count: int, tag: str
              ) -> list[float]:
     """MiB per sandbox (QEMU, proxy and shims), with ``count`` idle sandboxes alive at
@@ -78,7 +69,7 @@ def idle_pss(hull: list[str], root: Path, config: Path, bundle: Path, count: int
     created: list[str] = []
     try:
         for sid in ids:
-            # Not run_once: the daemons `hull create` leaves behind inherit its stderr.
+            # Not run_timed: the daemons `hull create` leaves behind inherit its stderr.
             done = subprocess.run([*hull, "--config", str(config), "create", "-b",
                                    str(bundle), sid], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -126,7 +117,7 @@ def main() -> None:
                               pool_size=args.pool)
         hull = [*hull_command(), "--root", str(work / "state")]
         try:
-            init, _ = run_once([*hull, "--config", str(pooled), "factory", "init"])
+            init, _ = run_timed([*hull, "--config", str(pooled), "factory", "init"])
             bundle = busybox_bundle(work / "bundle", ["/bin/true"])
             runc: list[float] = []
             kinds = {"cold": HullRuns("c", work, bundle, cold),
@@ -134,7 +125,7 @@ def main() -> None:
             if args.pool:
                 kinds["pooled"] = HullRuns("p", work, bundle, pooled)
             for i in range(args.reps):
-                runc.append(run_once(
+                runc.append(run_timed(
                     ["runc", "--root", str(work / "runc-state"), "run", "-b", str(bundle),
                      f"r{i}"])[0])
                 for kind, runs in kinds.items():

@@ -38,11 +38,19 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def run_quiet(argv: list[str]) -> None:
+def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run a command to completion: its wall time and its stderr; exit on failure."""
+    start = time.perf_counter()
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
+                          stderr=subprocess.PIPE, env=env, check=False)
+    wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode().strip()}")
+    return wall, done.stderr.decode()
+
+
+def run_quiet(argv: list[str]) -> None:
+    run_timed(argv)
 
 
 def median_ms(samples: list[float]) -> float:
