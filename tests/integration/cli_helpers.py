@@ -42,6 +42,17 @@ def reap(pid: int, timeout: float = 30) -> int | None:
     return None
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """Stop a daemon the tests started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def reap_all() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:

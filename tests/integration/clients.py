@@ -25,7 +25,6 @@ import secrets
 import select
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.integration.cli_helpers import terminate
 
 PR_SET_CHILD_SUBREAPER = 36
 VENV_HULL = Path(sys.executable).parent / "hull"
@@ -483,13 +484,7 @@ class Containerd:
             self.ctr("containers", "rm", container)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=15)
 
 
 @pytest.fixture(scope="module")
@@ -581,13 +576,7 @@ class Docker:
             self("rm", "-f", *ids)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=30)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.cli_helpers import terminate
 
 RUNTIME = "io.containerd.hull.v2"
 NAMESPACE = "default"
@@ -66,13 +67,7 @@ class Containerd:
         pytest.fail(f"containerd did not come up:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=15)
         self.proc = None
 
     def ctr(self, *args: str, check: bool = True, input: bytes | None = None,

@@ -8,6 +8,7 @@ and the VM; nothing reaches the host's own network. Everything is deleted afterw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -124,6 +125,21 @@ data = c.recv(4096)
 c.sendall(b"echo:" + data); c.close()
 """
 
+
+@contextlib.contextmanager
+def peer_echo_server(net: Net, addr: str, port: int) -> Iterator[None]:
+    """PY_ECHO_SERVER listening on ``addr``:``port`` in the peer namespace."""
+    server = subprocess.Popen(["ip", "netns", "exec", net.peer, sys.executable, "-c",
+                               PY_ECHO_SERVER, addr, str(port)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        yield
+    finally:
+        server.kill()
+        server.wait()
+
+
 PY_CLIENT = """
 import socket, sys, time
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -193,19 +209,12 @@ def test_echo_server_in_container_reached_from_peer(hull: Runner, bundle: Bundle
 
 def test_container_reaches_server_on_peer(hull: Runner, bundle: BundleFactory,
                                           one_veth: Net) -> None:
-    server = subprocess.Popen(["ip", "netns", "exec", one_veth.peer, sys.executable, "-c",
-                               PY_ECHO_SERVER, PEER_V4, "7001"], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    with peer_echo_server(one_veth, PEER_V4, 7001):
         b = bundle(["sh", "-c", f"echo hello | nc {PEER_V4} 7001"],
                    mutate=with_netns(one_veth.ctr_path))
         done = hull("run", "-b", str(b), "reach")
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.decode().strip() == "echo:hello"
-    finally:
-        server.kill()
-        server.wait()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == "echo:hello"
 
 
 def test_ping_both_ways(hull: Runner, bundle: BundleFactory, one_veth: Net,
@@ -226,20 +235,13 @@ def test_ping_both_ways(hull: Runner, bundle: BundleFactory, one_veth: Net,
 
 
 def test_ipv6(hull: Runner, bundle: BundleFactory, one_veth: Net) -> None:
-    server = subprocess.Popen(["ip", "netns", "exec", one_veth.peer, sys.executable, "-c",
-                               PY_ECHO_SERVER, PEER_V6, "7002"], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    with peer_echo_server(one_veth, PEER_V6, 7002):
         b = bundle(["sh", "-c", f"ping6 -c 1 -W 5 {PEER_V6} >/dev/null && "
                                 f"echo six | nc {PEER_V6} 7002"],
                    mutate=with_netns(one_veth.ctr_path))
         done = hull("run", "-b", str(b), "six")
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.decode().strip() == "echo:six"
-    finally:
-        server.kill()
-        server.wait()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == "echo:six"
 
 
 def test_mtu_is_honoured(hull: Runner, bundle: BundleFactory, net: Net) -> None:

@@ -12,22 +12,12 @@ import pytest
 
 from hull.config import settings
 from hull.errors import ConfigError
-from hull.hypervisor.base import Nic, Share, VMConfig
+from hull.hypervisor.base import Nic, Share
 from hull.hypervisor.qemu import argv
 from hull.runtime import factory, layout, sharedfs
 from hull.shim.v2 import pod
-
-
-def vm(**kw: object) -> VMConfig:
-    base: dict[str, object] = dict(name="c1", kernel=Path("/k/vmlinux"),
-                                   initrd=Path("/k/initrd.img"),
-                                   console_log=Path("/run/hull/c1/console.log"))
-    base.update(kw)
-    return VMConfig(**base)  # type: ignore[arg-type]
-
-
-def opt(args: list[str], flag: str) -> list[str]:
-    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+from tests.unit.test_qemu_argv import config as vm
+from tests.unit.test_qemu_argv import opt
 
 
 def test_template_tags_are_the_runtime_s() -> None:
