@@ -47,7 +47,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import json
@@ -82,22 +81,11 @@ REFILL_QUIET = 1.0
 #: The longest request line, and how long a client may take to send it.
 MAX_LINE = 4096
 REQUEST_TIMEOUT = 5.0
-MS_BIND, MS_SHARED, MNT_DETACH = 0x1000, 1 << 20, 2
-_libc = ctypes.CDLL(None, use_errno=True)
+MS_SHARED = 1 << 20
 
 
 class PoolError(HullError):
     """The pool cannot serve a request."""
-
-
-def _mount(source: str, target: str, flags: int) -> None:
-    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
-
-
-def _umount(target: Path) -> None:
-    _libc.umount2(os.fsencode(target), MNT_DETACH)
 
 
 def socket_path(config: Config) -> Path:
@@ -234,8 +222,8 @@ class Daemon:
         share = path / sharedfs.SHARE_TAG
         share.mkdir(parents=True, mode=0o755)
         try:
-            _mount(str(share), str(share), MS_BIND)
-            _mount("none", str(share), MS_SHARED)
+            sharedfs.mount(str(share), share, None, sharedfs.MS_BIND)
+            sharedfs.mount("none", share, None, MS_SHARED)
             vm = pooled_vm(self.config, f"pool-{slot_id}", share, path / "console.log")
             template = factory.find(self.config, vm)
             if factory.key_id(template.manifest["key"]) != key:
@@ -532,7 +520,7 @@ class PooledVM(Hypervisor):
     def bind_share(self, target: Path) -> None:
         """Make the clone's exported directory appear at ``target`` (empty), so that the
         binds the sandbox makes there reach the guest (shared propagation)."""
-        _mount(str(self.share), str(target), MS_BIND)
+        sharedfs.mount(str(self.share), target, None, sharedfs.MS_BIND)
         self._bound = target
 
     async def _listen(self) -> None:
@@ -572,7 +560,8 @@ class PooledVM(Hypervisor):
 
     async def stop(self, timeout: float = 2.0) -> None:
         if self._bound is not None:
-            _umount(self._bound)
+            with contextlib.suppress(sharedfs.MountError):  # the lease's end cleans up
+                sharedfs.unmount(self._bound, every_layer=False)
             self._bound = None
         if not self._ended.is_set():
             with contextlib.suppress(HypervisorError, OSError):

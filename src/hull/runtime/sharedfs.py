@@ -69,6 +69,30 @@ class ShareError(HullError):
     """A bind mount could not be shared into the VM (names the mount)."""
 
 
+class MountError(HullError):
+    """A mount or unmount on the host failed."""
+
+
+def mount(source: str | None, target: str | Path, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    if _libc.mount(source.encode() if source else None, os.fsencode(target),
+                   fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"mount {source or fstype} on {target}: {os.strerror(err)}")
+
+
+def unmount(target: str | Path, every_layer: bool = True) -> None:
+    """Detach what is mounted on target (lazily: a busy mount does not fail delete):
+    every stacked mount, or only the top one."""
+    while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+        if not every_layer:
+            return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOENT):
+        raise MountError(f"unmount {target}: {os.strerror(err)}")
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()

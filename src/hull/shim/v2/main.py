@@ -233,15 +233,15 @@ def delete(args: Flags) -> int:
     share = state / "shared" / args.id / "rootfs"
     with contextlib.suppress(sharedfs.ShareError):
         sharedfs.release(share.parent / "mounts")  # staged bind sources (sharedfs)
-    with contextlib.suppress(mounts.MountError):
+    with contextlib.suppress(sharedfs.MountError):
         mounts.remove_bind(share)
-    with contextlib.suppress(mounts.MountError):
-        mounts.unmount(bundle / "rootfs")
+    with contextlib.suppress(sharedfs.MountError):
+        sharedfs.unmount(bundle / "rootfs")
     if not alive:
         shared = state / "shared"
         if shared.is_dir():
             for child in shared.iterdir():
-                with contextlib.suppress(mounts.MountError):
+                with contextlib.suppress(sharedfs.MountError):
                     mounts.remove_bind(child / "rootfs")
         import shutil
 

@@ -12,14 +12,12 @@ bind-mounted into it at ``<shared>/<cid>/rootfs``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hull.errors import HullError
+from hull.runtime.sharedfs import MountError, mount, unmount
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -54,12 +52,6 @@ _FLAGS = {
     "defaults": (False, 0),
 }
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class MountError(HullError):
-    """A rootfs mount or unmount failed."""
-
 
 @dataclass(frozen=True)
 class MountSpec:
@@ -77,24 +69,6 @@ def parse_options(options: Iterable[str]) -> tuple[int, str]:
         else:
             data.append(opt)
     return flags, ",".join(data)
-
-
-def mount(source: str | None, target: str | Path, fstype: str | None, flags: int,
-          data: str | None = None) -> None:
-    if _libc.mount(source.encode() if source else None, os.fsencode(target),
-                   fstype.encode() if fstype else None, flags,
-                   data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise MountError(f"mount {source or fstype} on {target}: {os.strerror(err)}")
-
-
-def unmount(target: str | Path) -> None:
-    """Detach whatever is mounted on target (lazily: a busy mount does not fail delete)."""
-    while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
-        pass  # stacked mounts: peel all of them
-    err = ctypes.get_errno()
-    if err not in (errno.EINVAL, errno.ENOENT):
-        raise MountError(f"unmount {target}: {os.strerror(err)}")
 
 
 def mount_all(mounts: Iterable[MountSpec], target: Path) -> None:

@@ -178,7 +178,7 @@ class Pod:
                 rootfs = bundle / "rootfs"
                 if req.rootfs:
                     mounts.mount_all(req.rootfs, rootfs)
-                    undo.callback(mounts.unmount, rootfs)
+                    undo.callback(sharedfs.unmount, rootfs)
                 else:
                     rootfs = oci_bundle.Bundle(bundle, spec).rootfs  # docker: absolute path
                 timeline.mark("rootfs")
@@ -511,7 +511,7 @@ class Pod:
         sharedfs.release(self.shared / ctr.id / "mounts")
         mounts.remove_bind(ctr.share)
         if ctr.mounted_rootfs:
-            mounts.unmount(ctr.rootfs)
+            sharedfs.unmount(ctr.rootfs)
 
     # ------------------------------------------------------------------ shutdown
 
