@@ -136,7 +136,7 @@ def main() -> None:
     print("|---|---|")
     print(f"| QEMU | {pss['qemu'] / 2**20:.0f} MiB |")
     print(f"| proxy (`hull proxy`) | {pss['proxy'] / 2**20:.0f} MiB |")
-    print(f"| shim of the init process (`hull shim`) | {pss['shims'] / 2**20:.0f} MiB |")
+    print(f"| shim of the init process | {pss['shims'] / 2**20:.0f} MiB |")
     print(f"| total | {sum(pss.values()) / 2**20:.0f} MiB |")
 
 

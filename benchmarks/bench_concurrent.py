@@ -9,7 +9,9 @@ started. Shim v2: a private containerd 1.6 (the tests' fixture), N concurrent
 deleted after each batch; batches are interleaved (runc, hull) R times; medians and
 ratios. Sandboxes are clones of a template of their own (`hull factory init` under
 /dev/shm, destroyed at the end; optionally with a pool of P clones), or boot cold with
---cold.
+--cold. With a pool, each Hull burst waits until the pool has refilled after the last
+(`hull factory status`): a burst of at most P then meets P ready clones, as a burst after
+a quiet spell does in production; the refill itself runs between bursts, untimed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from tests.integration.containerd_fixture import RUNTIME, Containerd
 
-from benchmarks.bench_template import write_config
+from benchmarks.bench_template import wait_refilled, write_config
 from benchmarks.common import busybox_bundle, hull_command, machine, report, run_quiet
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
@@ -79,6 +81,14 @@ def main() -> None:
                 time.sleep(2 + args.pool * 2)  # let the pool fill
             ctrd.start()
             rootfs = bundle / "rootfs"
+
+            def refilled() -> None:
+                """A burst meets a full pool: the one before it was deleted and the pool
+                restored its clones meanwhile, as between bursts in production."""
+                if args.pool and not args.cold:
+                    wait_refilled(hull, config, args.pool, timeout=120)
+                    time.sleep(1)  # the last restore's warm-up settles
+
             for rep in range(args.reps):
                 def runc_start(i: int, rep: int = rep) -> None:
                     quiet([*runc, "create", "-b", str(bundle), f"r{rep}-{i}"])
@@ -109,9 +119,11 @@ def main() -> None:
                     return gone
 
                 walls["cli-runc"].append(batch(n, runc_start, deleter(runc, f"r{rep}-")))
+                refilled()
                 walls["cli"].append(batch(n, hull_start, deleter(hull, f"h{rep}-")))
                 walls["shim-runc"].append(batch(n, ctr_run(RUNC_RUNTIME, f"sr{rep}-"),
                                                 ctr_gone(f"sr{rep}-")))
+                refilled()
                 walls["shim"].append(batch(n, ctr_run(RUNTIME, f"sh{rep}-"),
                                            ctr_gone(f"sh{rep}-")))
         finally:

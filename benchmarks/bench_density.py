@@ -9,7 +9,7 @@ directory under /dev/shm; `hull factory destroy` at the end), optionally with a 
 P clones. Each sandbox is a `hull create` of busybox `sleep` (created, not started: an
 idle VM with its container set up), kept alive; after every S sandboxes the table gets a
 row: the median create time of those S (Hull and runc), the host PSS per sandbox (every
-process serving it: QEMU, its `hull proxy` and the `hull shim` of its init, as `hull
+process serving it: QEMU, its `hull proxy` and the shim of its init, as `hull
 monitor` counts them; summed over all alive, divided by their number), split by process,
 and the host's MemAvailable. It stops at N sandboxes, at the first create that fails, or when
 MemAvailable falls below M MiB; then everything is deleted. ``--settle`` waits before each

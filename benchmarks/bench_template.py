@@ -16,7 +16,7 @@ children it reaped (its QEMU, except for a pooled clone's: the pool daemon's chi
 
 Idle sandboxes: ``--idle`` sandboxes of each kind are created (`hull create`, the
 container created, not started) and kept alive together; PSS is summed over QEMU and the
-Hull processes serving each (its `hull proxy` and `hull shim`: `hull monitor`'s
+Hull processes serving each (its `hull proxy` and shim: `hull monitor`'s
 accounting), so pages clones share with the template and with each other count once,
 split between them.
 """

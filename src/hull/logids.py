@@ -1,8 +1,16 @@
-"""Log records that name the container: every component stamps the id it serves."""
+"""Logging of every Hull process (runtime, proxy, shim): --log, --log-format, --debug, and
+records that name the container (every component stamps the id it serves).
+
+Standard library only, and little of it: shims import this module and keep it for as long
+as their container process lives.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
 
 
 class ContainerIdFilter(logging.Filter):
@@ -17,3 +25,61 @@ class ContainerIdFilter(logging.Filter):
         if not getattr(record, "container_id", None):
             record.container_id = self.container_id
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """runc's --log-format json: one object a line; containerd reads the last error's msg."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "level": record.levelname.lower().replace("warning", "warning"),
+            "msg": record.getMessage(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs * 1000):06d}Z",
+        }
+        cid = getattr(record, "container_id", None)
+        if cid:
+            entry["id"] = cid
+        return json.dumps(entry)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        cid = getattr(record, "container_id", None)
+        if cid:
+            head, _, rest = text.partition(f" {record.levelname} ")
+            text = f"{head} {record.levelname} [{cid}] {rest}"
+        return text
+
+
+def setup_logging(log_path: str | None, log_format: str, debug: bool,
+                  container_id: str | None = None) -> None:
+    """Logging of every Hull process (runtime, proxy, shim): --log, --log-format, --debug.
+
+    ``container_id``: the container the process works for; every record carries it (as
+    "id" in JSON, as runc does, and "[id]" in text).
+    """
+    root = logging.getLogger("hull")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+    handler: logging.Handler
+    if log_path:
+        handler = logging.FileHandler(log_path)
+        handler.setLevel(logging.DEBUG if debug else logging.INFO)
+    else:
+        # Without --log only warnings and errors reach stderr: a client may treat
+        # anything on the runtime's stderr as an error message.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter())
+    if container_id:
+        handler.addFilter(ContainerIdFilter(container_id))
+    root.addHandler(handler)

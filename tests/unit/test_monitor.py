@@ -25,7 +25,7 @@ from prometheus_client import generate_latest
 from hull.agentapi import schema
 from hull.errors import AgentError
 from hull.proxy.channel import AgentChannel
-from hull.runtime import monitor, proxyd, sandboxinfo
+from hull.runtime import monitor, proxysock, sandboxinfo
 from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
 from hull.shim.v2.pausing import Pauser
 
@@ -249,7 +249,7 @@ async def test_status_server_answers_only_what_reads(tmp_path: Path) -> None:
     hello = {"version": schema.PROTOCOL_VERSION, "agent_version": "x", "kernel_release": "k"}
     async with sandboxinfo.StatusServer("sandbox ns/p", tmp_path, hello, agent) as server:
         assert (tmp_path / "status.sock").stat().st_mode & 0o777 == 0o600
-        channel = AgentChannel(proxyd.connect_unix(server.path, "test"), "status of p")
+        channel = AgentChannel(proxysock.connect_unix(server.path, "test"), "status of p")
         await channel.open()
         try:
             assert await channel.request(schema.Method.HELLO, {}) == hello
@@ -287,7 +287,7 @@ async def test_a_long_socket_path_is_served_and_reached_without_leaking_fds(
         assert len(str(server.path)) > 108
         fds = len(os.listdir("/proc/self/fd"))
         for _ in range(5):
-            proxyd.connect_unix(server.path, "test").close()
+            proxysock.connect_unix(server.path, "test").close()
         assert len(os.listdir("/proc/self/fd")) == fds
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from hull import logids
 from hull.agent import debug as agent_debug
 from hull.agentapi import schema
-from hull.cli import context
 from hull.cli.env import to_toml
 from hull.config import settings
 from hull.runtime import guestlog, hostcheck
@@ -137,10 +137,10 @@ def test_toml_writer_round_trips() -> None:
 def test_every_record_carries_the_container_id(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / "log"
     try:
-        context.setup_logging(str(path), fmt, False, container_id="ctr-1")
+        logids.setup_logging(str(path), fmt, False, container_id="ctr-1")
         logging.getLogger("hull.proxyd").error("vm died")
     finally:
-        context.setup_logging(None, "text", False)
+        logids.setup_logging(None, "text", False)
     line = path.read_text().strip()
     if fmt == "json":
         entry = json.loads(line)
@@ -244,7 +244,7 @@ def test_every_command_has_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     listed = {a.dest for a in sub._choices_actions}
-    hidden = {"proxy", "shim"}  # started by hull itself, not for people
+    hidden = {"proxy"}  # started by hull itself, not for people
     assert set(sub.choices) - listed == hidden
     for name, command in sub.choices.items():
         if name in hidden:

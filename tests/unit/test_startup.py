@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError
@@ -16,6 +17,7 @@ import pytest
 
 from hull.agentapi import records, schema, wirejson
 from hull.cli import main as cli_main
+from hull.runtime import shim
 from hull.runtime.sandbox import BootProfile, Timeline
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -178,21 +180,38 @@ def test_every_verb_is_in_the_registry_of_its_module() -> None:
 
 
 def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
-    """`hull shim` lives as long as its container process: no TLS (asyncio's ssl), no
-    VM side, no host networking in its memory (docs/performance.md, host memory)."""
+    """A shim lives as long as its container process: no asyncio (nor its TLS), no CLI,
+    no VM side, no host networking in its memory (docs/performance.md, host memory)."""
     (tmp_path / "c1").mkdir()
+    request = shim.request_json(tmp_path / "c1", "c1", "e1", {"process": {}}, None, False,
+                                None, "text", False)
     code = ("import os, sys\n"
-            "from hull.cli import main\n"
+            "from hull.runtime import shim\n"
             "r, w = os.pipe()\n"
-            f"status = main.main(['--root', {str(tmp_path)!r}, 'shim', '--ready-fd', str(w),"
-            f" '--process', {str(tmp_path / 'missing.json')!r}, 'c1'])\n"
+            "qr, qw = os.pipe()\n"
+            f"os.write(qw, {request!r}); os.close(qw)\n"
+            "status = shim.main(['--ready-fd', str(w), '--request-fd', str(qr), 'c1'])\n"
             "print(status, os.read(r, 500).decode().strip())\n"
-            "print(sorted(m for m in ('ssl', '_ssl', 'hull.network.host', 'hull.runtime.sandbox',"
-            " 'qemu.qmp', 'hull.hypervisor.qemu.machine') if sys.modules.get(m)))\n")
+            "print(sorted(m for m in ('asyncio', 'ssl', '_ssl', 'argparse', 'dataclasses',"
+            " 'hull.cli.main', 'hull.runtime.state', 'hull.network.host',"
+            " 'hull.runtime.sandbox', 'qemu.qmp', 'hull.hypervisor.qemu.machine',"
+            " 'hull.proxy.channel') if sys.modules.get(m)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path).stdout.splitlines()
-    assert out[0].startswith("1 ") and "missing.json" in out[0]  # it got as far as reading
+    assert out[0] == "1 container c1: its proxy does not answer (No such file or directory)"
     assert out[1] == "[]"
+
+
+def test_a_shim_refuses_a_bad_request_in_one_line(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    qr, qw = os.pipe()
+    os.write(qw, b'{"state_dir": 1')
+    os.close(qw)
+    assert shim.main(["--ready-fd", str(w), "--request-fd", str(qr), "c1"]) == 1
+    answer = os.read(r, 500).decode()
+    os.close(r)
+    assert answer.startswith("shim of container c1: bad request: ") and answer.count("\n") == 1
+    assert shim.main(["c1"]) == 2  # not as hull starts it: usage, nothing else
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -13,7 +13,8 @@ from hull.runtime.lifecycle import Runtime
 
 
 def runtime(ctx: Context) -> Runtime:
-    return Runtime(ctx.config, ctx.root, ctx.hull_argv())
+    return Runtime(ctx.config, ctx.root, ctx.hull_argv(), ctx.log_path, ctx.log_format,
+                   ctx.debug)
 
 
 def parse_signal(text: str) -> int:

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from hull import __version__
-from hull.cli.context import DEFAULT_ROOT, Context, setup_logging
+from hull.cli.context import DEFAULT_ROOT, Context
 from hull.errors import HullError
+from hull.logids import setup_logging
 
 #: The hull.cli modules, in --help order, with the verbs each registers. A command imports
 #: only the module of its verb: the verbs' runtimes import asyncio, qemu.qmp, pyroute2,
@@ -29,7 +30,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "kill": ("kill",), "delete": ("delete",), "exec_": ("exec",), "ps": ("ps",),
     "list_": ("list",), "pause": ("pause", "resume"), "spec": ("spec",),
     "features": ("features",), "check": ("check",), "kernel": ("kernel",),
-    "image": ("image",), "helpers": ("proxy", "shim"), "events": ("events",),
+    "image": ("image",), "helpers": ("proxy",), "events": ("events",),
     "update": ("update",), "env": ("env",), "logs": ("logs",), "debug": ("debug",),
     "monitor": ("monitor",), "factory": ("factory",),
 }

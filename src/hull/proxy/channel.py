@@ -22,7 +22,8 @@ from typing import Any
 
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
-from hull.errors import AgentError, InvalidState, ProtocolError
+from hull.errors import AgentError, ProtocolError
+from hull.proxy.blocking import agent_error
 
 log = logging.getLogger("hull.channel")
 READ_SIZE = 256 * 1024
@@ -222,14 +223,6 @@ class AgentChannel:
         self.closed.set()
         if violation and self._on_violation is not None:
             self._on_violation(why)
-
-
-def agent_error(response: schema.Response) -> Exception:
-    """The exception an error RESPONSE from the agent stands for."""
-    message = response.error_message or "unknown agent error"
-    if response.error_kind is schema.ErrorKind.STATE:
-        return InvalidState(message)
-    return AgentError(message)
 
 
 def resolve(fut: asyncio.Future[dict[str, Any]], response: schema.Response) -> None:

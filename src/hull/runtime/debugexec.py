@@ -14,7 +14,7 @@ from typing import Any
 from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel
-from hull.runtime.proxyd import connect
+from hull.runtime.proxysock import connect
 from hull.runtime.state import ContainerDir
 from hull.runtime.stdio import HostStdio, ProcessIO
 

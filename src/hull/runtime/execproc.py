@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -69,32 +68,23 @@ def exec_process(rt: Runtime, container_id: str, process: dict[str, Any], detach
         return _detached(rt, cdir, exec_id, process, pid_file, console_socket)
     if pid_file:
         write_pid_file(pid_file, os.getpid())
-    request = shim.ShimRequest(cdir, exec_id, {"process": process}, console_socket, terminal)
+    request = shim.ShimRequest(cdir.path, cdir.id, exec_id, {"process": process},
+                               console_socket, terminal)
     if not terminal or console_socket:
-        return asyncio.run(shim.serve(request, None))
+        return shim.serve(request, None)
     # hull.runtime.run imported only here: it brings the whole VM side (sandbox, QEMU
     # driver), which `hull exec` does not need, ~6-10 ms of an exec's start-up.
     from hull.runtime.run import raw_terminal
 
     with raw_terminal(0):
-        return asyncio.run(shim.serve(request, None))
+        return shim.serve(request, None)
 
 
 def _detached(rt: Runtime, cdir: Any, exec_id: str, process: dict[str, Any],
               pid_file: str | None, console_socket: str | None) -> int:
-    import tempfile  # only here: with random, ~1 ms of every foreground exec's start-up
-
     (cdir.path / "execs").mkdir(exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cdir.path, prefix=".process-",
-                                     suffix=".json", delete=False) as f:
-        json.dump(process, f)
-    try:
-        verb = ["shim", "--exec-id", exec_id, "--process", f.name, cdir.id]
-        if console_socket:
-            verb[1:1] = ["--console-socket", console_socket]
-        pid = rt.spawn(cdir, verb, daemon=False, inherit_stdio=not console_socket)
-    finally:
-        os.unlink(f.name)
+    pid = rt.spawn_shim(cdir, exec_id, {"process": process}, console_socket,
+                        bool(process.get("terminal", False)))
     record = cdir.path / "execs" / f"{exec_id}.json"
     record.write_text(json.dumps({"pid": pid, "start": start_time(pid) or 0}))
     if pid_file:

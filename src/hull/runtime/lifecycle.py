@@ -2,9 +2,10 @@
 pause, resume (runtime-spec runtime.md, runc's CLI as clients call it).
 
 `create` starts two helper processes and returns: the sandbox's proxy daemon (`hull
-proxy`, which boots the VM and owns QEMU) and the init process's shim (`hull shim`,
-whose pid is the container pid). Later commands talk to the proxy over its socket.
-Commands on one container are serialized by its lock; the proxy never takes it.
+proxy`, which boots the VM and owns QEMU) and the init process's shim (``python -m
+hull.runtime.shim``, whose pid is the container pid). Later commands talk to the proxy
+over its socket. Commands on one container are serialized by its lock; the proxy never
+takes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ class Runtime:
     root: Path
     #: argv prefix that runs `hull` with the caller's global flags (for helper processes)
     helper: list[str]
+    #: The caller's --log, --log-format and --debug, for the shims (which are no `hull`)
+    log_path: str | None = None
+    log_format: str = "text"
+    debug: bool = False
 
     def dir(self, container_id: str) -> ContainerDir:
         return ContainerDir(self.root, container_id)
@@ -67,11 +73,8 @@ class Runtime:
                 crash_point("create:proxy-started")
                 state.proxy_start = start_time(state.proxy_pid) or 0
                 cdir.save(state)
-                shim = ["shim", "--bundle", str(bundle.path), container_id]
-                if console_socket:
-                    shim[1:1] = ["--console-socket", console_socket]
-                state.pid = self.spawn(cdir, shim, daemon=False,
-                                       inherit_stdio=not console_socket)
+                state.pid = self.spawn_shim(cdir, "", self._init_payload(cdir, bundle, state),
+                                            console_socket, bundle.terminal)
                 crash_point("create:shim-started")
                 state.pid_start = start_time(state.pid) or 0
                 state.status = Status.CREATED
@@ -87,29 +90,71 @@ class Runtime:
                 self.teardown(cdir, None)
                 cdir.remove()
 
-    def spawn(self, cdir: ContainerDir, verb: list[str], daemon: bool,
-              inherit_stdio: bool | None = None) -> int:
-        """Start a helper and wait until it reports "ok" (or its error) on a pipe.
+    def _init_payload(self, cdir: ContainerDir, bundle: Bundle, state: ContainerState
+                      ) -> dict[str, Any]:
+        """What the init's shim asks the agent for; after the proxy staged the layout
+        (hull.runtime.layout), which decides the guest paths."""
+        from hull.runtime import sharedfs
+        from hull.runtime.layout import rootfs_request
 
-        A shim inherits the caller's stdio (the container's), unless it relays a console:
-        then it must not hold the caller's pipes open, or a caller that reads our output
-        to EOF (go-runc does, for a create or exec with a console socket) never returns.
-        """
-        inherit = not daemon if inherit_stdio is None else inherit_stdio
+        staging = shared_dir(cdir)
+        return {"spec": sharedfs.guest_spec(bundle.spec, staging, cdir.id),
+                "state": oci_state(state),
+                "rootfs": schema.params(rootfs_request(bundle, staging, cdir.id))}
+
+    def spawn_shim(self, cdir: ContainerDir, exec_id: str, payload: dict[str, Any],
+                   console_socket: str | None, terminal: bool) -> int:
+        """Start the shim of the init ("" exec_id) or of an exec process; its pid once it
+        reports "ok". It inherits the caller's stdio (the container's), unless it relays
+        a console: then it must not hold the caller's pipes open, or a caller that reads
+        our output to EOF (go-runc does, for a create or exec with a console socket)
+        never returns."""
+        from hull.runtime import shim
+
+        request = shim.request_json(cdir.path, cdir.id, exec_id, payload, console_socket,
+                                    terminal, self.log_path, self.log_format, self.debug)
+        read, write = os.pipe2(os.O_CLOEXEC)  # _spawn closes both
+        argv = [sys.executable, "-m", "hull.runtime.shim", "--ready-fd", "{ready}",
+                "--request-fd", str(read), cdir.id]
+        return self._spawn(cdir, "shim", argv, daemon=False, inherit=not console_socket,
+                           request=(read, write, request))
+
+    def spawn(self, cdir: ContainerDir, verb: list[str], daemon: bool) -> int:
+        """Start a `hull` helper (the proxy) and wait until it reports "ok" (or its
+        error) on a pipe."""
+        argv = [*self.helper, verb[0], "--ready-fd", "{ready}", *verb[1:]]
+        return self._spawn(cdir, verb[0], argv, daemon, inherit=not daemon)
+
+    def _spawn(self, cdir: ContainerDir, name: str, argv: list[str], daemon: bool,
+               inherit: bool, request: tuple[int, int, bytes] | None = None) -> int:
+        """``request``: (read end, write end, bytes) of a pipe the child reads at once;
+        both ends are closed here, whatever happens."""
         read, write = os.pipe2(os.O_CLOEXEC)
-        argv = [*self.helper, verb[0], "--ready-fd", str(write), *verb[1:]]
-        log_file = cdir.path / f"{verb[0]}.log"
-        with open(log_file, "ab") as err:
-            try:
+        argv = [str(write) if arg == "{ready}" else arg for arg in argv]
+        log_file = cdir.path / f"{name}.log"
+        try:
+            with open(log_file, "ab") as err:
                 proc = subprocess.Popen(
-                    argv, pass_fds=(write,), start_new_session=daemon,
+                    argv, pass_fds=(write,) if request is None else (write, request[0]),
+                    start_new_session=daemon,
                     stdin=None if inherit else subprocess.DEVNULL,
                     stdout=None if inherit else subprocess.DEVNULL,
                     stderr=None if inherit else err)
-            except OSError as exc:
-                raise HullError(f"cannot start {argv[0]}: {exc.strerror}") from exc
-            finally:
-                os.close(write)
+        except OSError as exc:
+            os.close(read)
+            if request is not None:
+                os.close(request[1])
+            raise HullError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+        finally:
+            os.close(write)
+            if request is not None:
+                os.close(request[0])
+        if request is not None:
+            try:  # the child reads it whole before anything else: no deadlock
+                with open(request[1], "wb") as pipe:
+                    pipe.write(request[2])
+            except BrokenPipeError:
+                pass  # it died first: its log says why
         with os.fdopen(read, "rb") as ready:
             answer = ready.readline(4096).decode(errors="replace").strip()
         if answer != "ok":
@@ -117,7 +162,7 @@ class Runtime:
                 proc.kill()
             proc.wait()
             if not answer:
-                answer = _last_line(log_file) or f"hull {verb[0]} exited with {proc.returncode}"
+                answer = _last_line(log_file) or f"hull {name} exited with {proc.returncode}"
             raise HullError(answer)
         return proc.pid
 

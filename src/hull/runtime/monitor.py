@@ -47,7 +47,7 @@ from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel
 from hull.runtime import lifecycle, sandboxinfo
-from hull.runtime.proxyd import SOCKET_NAME, connect_unix
+from hull.runtime.proxysock import SOCKET_NAME, connect_unix
 from hull.runtime.state import ContainerDir, Status, alive
 
 log = logging.getLogger("hull.monitor")

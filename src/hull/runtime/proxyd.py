@@ -19,41 +19,22 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hull.agentapi import schema
 from hull.config.settings import Config
 from hull.errors import HullError
+from hull.runtime.proxysock import SOCKET_NAME, report, short_path
 from hull.runtime.state import ContainerDir
 
-if TYPE_CHECKING:  # the VM side's modules: not for the clients that import connect()
+if TYPE_CHECKING:  # the VM side's modules: imported in serve()
     from hull.hypervisor.base import Share
     from hull.network import host as netns
 
 log = logging.getLogger("hull.proxyd")
-SOCKET_NAME = "proxy.sock"
-
-
-@contextlib.contextmanager
-def short_path(path: Path) -> Iterator[str]:
-    """A name for ``path`` short enough for sun_path (108 bytes), valid in the block.
-
-    Container ids from containerd are 64 characters and --root paths can be long: then
-    the directory is opened and the socket reached through the fd's /proc link, closed
-    after the bind or connect (`hull monitor` connects at every scrape).
-    """
-    if len(str(path)) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 def record_exit(cdir: ContainerDir, event: schema.ProcessExit) -> None:
@@ -154,37 +135,8 @@ async def serve(config: Config, root: Path, cdir: ContainerDir,
         (cdir.path / SOCKET_NAME).unlink(missing_ok=True)
 
 
-def report(fd: int, message: str) -> bool:
-    """Tell the waiting `hull` command how we did; False if it is gone (EPIPE)."""
-    try:
-        os.write(fd, message.encode()[:4000] + b"\n")
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    return True
-
-
 async def _watch_dir(cdir: ContainerDir, every: float = 1.0) -> None:
     """Return once the container's state is gone: a `delete --force` after the command
     that created us died before it could record our pid. Nothing else would stop us."""
     while (cdir.path / "state.json").exists():
         await asyncio.sleep(every)
-
-
-def connect(cdir: ContainerDir) -> socket.socket:
-    """A connected socket to the proxy of ``cdir``'s sandbox."""
-    return connect_unix(cdir.path / SOCKET_NAME, f"container {cdir.id}: its proxy")
-
-
-def connect_unix(path: Path, who: str) -> socket.socket:
-    """A connected socket to ``path``, where ``who`` (named in the error) serves."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with short_path(path) as name:
-            sock.connect(name)
-    except OSError as exc:
-        sock.close()
-        raise HullError(f"{who} does not answer ({exc.strerror})") from exc
-    return sock

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
 from hull.errors import HullError
-from hull.runtime.proxyd import short_path
+from hull.runtime.proxysock import short_path
 from hull.runtime.state import start_time
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The CLI-mode shim: one relay process per container process (`hull shim`).
+"""The CLI-mode shim: one relay process per container process.
 
 Its pid is the "container pid" clients see (pid file, `state`): conmon and containerd's
 runc shim reap it as the container's process. It connects to the sandbox's proxy, asks
@@ -7,26 +7,40 @@ inherited from the caller — or a host pty sent over the console socket —, fo
 signal it receives to the process in the guest, and exits with the process's status
 (128+N for death by signal N). It lives exactly as long as that process: if the shim is
 killed, the proxy kills the process.
+
+`hull create` and `hull exec --detach` start it as ``python -m hull.runtime.shim
+--ready-fd R --request-fd Q ID`` and write what it serves, as one JSON object, to the
+request pipe (:func:`request_json`); it answers "ok" or its error line on the ready pipe.
+A foreground `hull exec` runs :func:`serve` in its own process.
+
+Lean and synchronous on purpose (hull.proxy.blocking): a shim lives as long as its
+container process, and every module it imports stays in its memory — no asyncio, no CLI,
+no runtime state classes (docs/performance.md, host memory).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import logging
 import os
+import select
 import signal
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import sys
+import threading
 
 from hull.agentapi import schema
 from hull.errors import HullError
-from hull.proxy.channel import AgentChannel
-from hull.runtime import console, hooks
-from hull.runtime.proxyd import connect, report
-from hull.runtime.state import ContainerDir
-from hull.runtime.stdio import HostStdio, ProcessIO
+from hull.logids import setup_logging
+from hull.proxy.blocking import BlockingChannel, Output
+from hull.runtime import console
+from hull.runtime.proxysock import SOCKET_NAME, connect_unix, report
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from hull.runtime.proxysock import PathLike
 
 log = logging.getLogger("hull.shim")
 #: How long create_container / exec_process may take in the guest (without hooks).
@@ -35,142 +49,238 @@ CREATE_TIMEOUT = 120.0
 LOST = 128 + signal.SIGKILL
 #: Signals a shim does not forward: it needs them itself, or they cannot be caught.
 NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH}
+READ_CHUNK = 64 * 1024
 
 
-@dataclass
 class ShimRequest:
     """What one shim serves: the init (exec_id "") with its spec, or an exec process."""
 
-    cdir: ContainerDir
-    exec_id: str
-    #: create: {"spec", "rootfs", "state" (the OCI state for hooks)}; exec: {"process"}
-    payload: dict[str, Any]
-    console_socket: str | None = None
-    terminal: bool = False
+    def __init__(self, state_dir: PathLike, container_id: str, exec_id: str,
+                 payload: dict[str, Any], console_socket: str | None = None,
+                 terminal: bool = False) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.container_id, self.exec_id = container_id, exec_id
+        #: create: {"spec", "rootfs", "state" (the OCI state for hooks, without the pid:
+        #: the shim's own)}; exec: {"process"}
+        self.payload = payload
+        self.console_socket = console_socket
+        self.terminal = terminal
 
 
-async def serve(req: ShimRequest, ready: int | None) -> int:
+class HostStdio:
+    """Host fds of one process; None where the process gets nothing (/dev/null)."""
+
+    def __init__(self, stdin: int | None = 0, stdout: int | None = 1,
+                 stderr: int | None = 2, terminal: bool = False) -> None:
+        self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
+
+
+def request_json(state_dir: PathLike, container_id: str, exec_id: str, payload: dict[str, Any],
+                 console_socket: str | None, terminal: bool, log_path: str | None,
+                 log_format: str, debug: bool) -> bytes:
+    """What `hull create` / `hull exec -d` write to a shim's request pipe."""
+    return json.dumps({
+        "state_dir": os.fspath(state_dir), "id": container_id, "exec_id": exec_id,
+        "payload": payload, "console_socket": console_socket, "terminal": terminal,
+        "log": {"path": log_path, "format": log_format, "debug": debug}}).encode()
+
+
+def serve(req: ShimRequest, ready: int | None) -> int:
     """Run the shim; ``ready`` is a pipe fd that gets "ok" or the error line."""
-    if not req.exec_id and req.payload["spec"].get("hooks"):
-        try:  # before create_container: createRuntime precedes the guest's createContainer
-            await asyncio.to_thread(hooks.run_before_create, req.payload["spec"],
-                                    req.payload["state"])
-        except HullError as exc:
-            if ready is not None:
-                report(ready, str(exc))
-            return 1
-    host = HostStdio(terminal=req.terminal)
-    if req.console_socket:
-        master, slave, name = console.open_pty()
-        console.make_controlling(slave)
-        console.send_master(req.console_socket, master, name)
-        os.close(master)
-        host = HostStdio(stdin=slave, stdout=slave, stderr=None, terminal=True)
-    sock = connect(req.cdir)
-    exited: asyncio.Future[schema.ProcessExit] = asyncio.get_running_loop().create_future()
+    cid = req.container_id
+    payload = req.payload
+    if not req.exec_id:
+        # The hooks' state: this shim's pid is the container's (runc gives the init's).
+        payload = {**payload, "state": {**payload["state"], "pid": os.getpid()}}
+        if payload["spec"].get("hooks"):
+            from hull.runtime import hooks  # subprocess & co: only when there are hooks
+
+            try:  # before create_container: createRuntime precedes the guest's hooks
+                hooks.run_before_create(payload["spec"], payload["state"])
+            except HullError as exc:
+                if ready is not None:
+                    report(ready, str(exc))
+                return 1
+    exited: list[schema.ProcessExit] = []
 
     def on_event(message: dict[str, Any]) -> None:
+        if message.get("event") != schema.Event.PROCESS_EXIT:
+            return
         event = schema.ProcessExit.from_json(message)
-        if (event.container_id, event.exec_id) == (req.cdir.id, req.exec_id) and not (
-                exited.done()):
-            exited.set_result(event)
+        if (event.container_id, event.exec_id) == (cid, req.exec_id) and not exited:
+            exited.append(event)
 
-    channel = AgentChannel(sock, f"container {req.cdir.id}", on_event=on_event)
-    await channel.open()
+    channel: BlockingChannel | None = None
+    outputs: list[Output] = []
     try:
-        await channel.request(schema.Method.HELLO, schema.params(schema.Hello()), timeout=30)
-        io = ProcessIO.open(channel, host)
-        payload = dict(req.payload)
+        host = _host_stdio(req)
+        sock = connect_unix(os.path.join(req.state_dir, SOCKET_NAME), f"container {cid}: its proxy")
+        channel = BlockingChannel(sock, f"container {cid}", on_event=on_event)
+        channel.request(schema.Method.HELLO, schema.params(schema.Hello()), timeout=30)
+        stdin = channel.open_input() if host.stdin is not None else None
+        for fd in (host.stdout, None if host.terminal else host.stderr):
+            if fd is not None:
+                outputs.append(channel.open_output(fd))
+        # With a terminal the pty merges both outputs onto the stdout stream.
+        stdout = outputs[0].stream if host.stdout is not None else None
+        stderr = outputs[-1].stream if host.stderr is not None and not host.terminal else None
+        streams = schema.Stdio(stdin, stdout, stderr)
         if req.terminal and host.stdout is not None and (size := console.window_size(
                 host.stdout)):
-            _set_console_size(payload, req.exec_id, size)
-        timeout = CREATE_TIMEOUT
-        if req.exec_id:
-            method = schema.Method.EXEC_PROCESS
-            body = schema.params(schema.ExecProcess(req.cdir.id, req.exec_id,
-                                                    payload["process"], io.streams))
-        else:
-            method = schema.Method.CREATE_CONTAINER
-            guest = hooks.guest_hooks(payload["spec"], payload["state"])
-            timeout += hooks.guest_wait(guest.create_container)
-            body = schema.params(schema.CreateContainer(
-                req.cdir.id, payload["spec"], schema.RootfsShare.from_json(payload["rootfs"]),
-                io.streams, guest))
-        await channel.request(method, body, timeout=timeout)
+            payload = _with_console_size(payload, req.exec_id, size)
+        method, body, timeout = _process_request(req, payload, streams)
+        channel.request(method, body, timeout=timeout)
     except HullError as exc:
         if ready is not None:
             report(ready, str(exc))
-        await channel.close()
+        if channel is not None:
+            channel.close()
         return 1
     if ready is not None and not report(ready, "ok"):
-        await channel.close()  # `hull create` died waiting: the proxy kills the process
+        channel.close()  # `hull create` died waiting: the proxy kills the process
         return LOST
-    io.start_input()
+    if stdin is not None and host.stdin is not None:
+        # A daemon thread: a read blocked on a terminal must not keep the shim alive.
+        threading.Thread(target=_pump_input, args=(channel, host.stdin, stdin),
+                         name="stdin", daemon=True).start()
     try:
-        return await _relay(req, channel, io, exited)
+        return _relay(req, channel, host, outputs, exited)
     finally:
-        await channel.close()
+        channel.close()
 
 
-async def _relay(req: ShimRequest, channel: AgentChannel, io: ProcessIO,
-                 exited: asyncio.Future[schema.ProcessExit]) -> int:
-    loop = asyncio.get_running_loop()
-    cid, exec_id = req.cdir.id, req.exec_id
+def _host_stdio(req: ShimRequest) -> HostStdio:
+    """The fds we inherited, or a new pty whose master went to the console socket."""
+    if not req.console_socket:
+        return HostStdio(terminal=req.terminal)
+    try:
+        master, slave, name = console.open_pty()
+        console.make_controlling(slave)
+    except OSError as exc:
+        raise HullError(f"container {req.container_id}: cannot open a pty: {exc}") from exc
+    try:
+        console.send_master(req.console_socket, master, name)
+    finally:
+        os.close(master)
+    return HostStdio(stdin=slave, stdout=slave, stderr=None, terminal=True)
 
-    tasks: set[asyncio.Task[None]] = set()
 
-    def background(coro: Any) -> None:
-        task = loop.create_task(_quiet(coro))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+def _process_request(req: ShimRequest, payload: dict[str, Any], streams: schema.Stdio
+                     ) -> tuple[schema.Method, dict[str, Any], float]:
+    cid = req.container_id
+    if req.exec_id:
+        return (schema.Method.EXEC_PROCESS, schema.params(schema.ExecProcess(
+            cid, req.exec_id, payload["process"], streams)), CREATE_TIMEOUT)
+    spec, state = payload["spec"], payload["state"]
+    if spec.get("hooks"):
+        from hull.runtime import hooks
 
-    def forward(signum: int) -> None:
-        background(channel.request(schema.Method.SIGNAL_PROCESS,
-                                   schema.params(schema.SignalProcess(cid, exec_id, signum))))
+        guest = hooks.guest_hooks(spec, state)
+        timeout = CREATE_TIMEOUT + hooks.guest_wait(guest.create_container)
+    else:
+        guest, timeout = schema.GuestHooks(state), CREATE_TIMEOUT
+    return (schema.Method.CREATE_CONTAINER, schema.params(schema.CreateContainer(
+        cid, spec, schema.RootfsShare.from_json(payload["rootfs"]), streams, guest)),
+        timeout)
+
+
+def _pump_input(channel: BlockingChannel, fd: int, stream: int) -> None:
+    try:
+        while data := os.read(fd, READ_CHUNK):
+            channel.send_data(stream, data)
+    except (OSError, HullError):
+        pass  # host stdin broke or the channel ended: treat as EOF
+    channel.close_input(stream)
+
+
+def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
+           outputs: list[Output], exited: list[schema.ProcessExit]) -> int:
+    cid, exec_id = req.container_id, req.exec_id
 
     def resize() -> None:
-        size = console.window_size(io.host.stdout) if io.host.stdout is not None else None
+        size = console.window_size(host.stdout) if host.stdout is not None else None
         if size:
-            background(channel.request(
-                schema.Method.RESIZE_PTY,
-                schema.params(schema.ResizePty(cid, exec_id, size[0], size[1]))))
+            channel.notify(schema.Method.RESIZE_PTY,
+                           schema.params(schema.ResizePty(cid, exec_id, size[0], size[1])))
 
+    # Signals reach the loop below as bytes on a pipe (the handlers themselves do
+    # nothing): a frame is never sent from inside a handler, half-way through another.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for sig in signal.valid_signals():
         if sig in NOT_FORWARDED or not isinstance(sig, signal.Signals):
             continue
         with contextlib.suppress(OSError, ValueError, RuntimeError):
-            loop.add_signal_handler(sig, forward, int(sig))
-    if io.host.terminal:
-        loop.add_signal_handler(signal.SIGWINCH, resize)
+            signal.signal(sig, _noted)
+    if host.terminal:
+        signal.signal(signal.SIGWINCH, _noted)
         # A caller may size the console between create and now (containerd's shim does,
         # right after create): that SIGWINCH came before the handler, so look once.
         resize()
-    lost = asyncio.ensure_future(channel.closed.wait())
-    waiting: list[asyncio.Future[Any]] = [exited, lost]
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     try:
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        while not exited and not channel.failure:
+            for fd, _ in poller.poll():
+                if fd != wake_r:
+                    channel.pump_ready()
+                    continue
+                for signum in os.read(wake_r, 256):
+                    if signum == signal.SIGWINCH:
+                        resize()
+                    elif signum not in NOT_FORWARDED:
+                        channel.notify(schema.Method.SIGNAL_PROCESS,
+                                       schema.params(schema.SignalProcess(cid, exec_id, signum)))
     finally:
-        lost.cancel()
-    if not exited.done():
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+    if not exited:
         log.error("container %s: lost its process: %s", cid, channel.failure)
         return LOST
-    await io.drain()
-    return exited.result().status
+    channel.drain()  # all of the process's output, written
+    return exited[0].status
 
 
-def _set_console_size(payload: dict[str, Any], exec_id: str, size: tuple[int, int]) -> None:
+def _noted(signum: int, frame: object) -> None:
+    """Handler of the signals a shim forwards: the wake-up pipe carries the number."""
+
+
+def _with_console_size(payload: dict[str, Any], exec_id: str, size: tuple[int, int]
+                       ) -> dict[str, Any]:
     process = payload["process"] if exec_id else payload["spec"]["process"]
     process = {**process, "consoleSize": {"height": size[0], "width": size[1]}}
     if exec_id:
-        payload["process"] = process
-    else:
-        payload["spec"] = {**payload["spec"], "process": process}
+        return {**payload, "process": process}
+    return {**payload, "spec": {**payload["spec"], "process": process}}
 
 
-async def _quiet(coro: Any) -> None:
-    with contextlib.suppress(HullError, OSError):
-        await coro
+def main(argv: list[str]) -> int:
+    """``--ready-fd R --request-fd Q ID``, as `hull create` and `hull exec -d` start us."""
+    if len(argv) != 5 or argv[0] != "--ready-fd" or argv[2] != "--request-fd" or not (
+            argv[1].isdigit() and argv[3].isdigit()):
+        print("usage: python -m hull.runtime.shim --ready-fd R --request-fd Q ID "
+              "(started by hull, not by people)", file=sys.stderr)
+        return 2
+    ready = int(argv[1])
+    try:
+        with os.fdopen(int(argv[3]), "rb") as pipe:
+            request = json.loads(pipe.read())
+        settings = request["log"]
+        req = ShimRequest(request["state_dir"], request["id"], request["exec_id"],
+                          request["payload"], request["console_socket"],
+                          bool(request["terminal"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report(ready, f"shim of container {argv[4]}: bad request: {exc}")
+        return 1
+    # stderr is the container's: the shim must never write its own messages there.
+    setup_logging(settings["path"] or os.path.join(req.state_dir, "shim.log"), settings["format"],
+                  bool(settings["debug"]), container_id=req.container_id)
+    if not req.console_socket:
+        os.setsid()  # out of the caller's process group: signals reach us only as sent
+    return serve(req, ready)
 
 
-def cdir_for(root: Path, container_id: str) -> ContainerDir:
-    return ContainerDir(root, container_id)
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
