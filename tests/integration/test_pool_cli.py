@@ -33,6 +33,10 @@ def pooled(tmp_path: Path, hull: Runner) -> Iterator[Path]:
         yield config
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def own_qemu(cid: str) -> list[str]:
     """QEMU processes started for sandbox ``cid`` itself (a pooled clone is named after
     its slot, not after the sandbox that leases it)."""
@@ -62,6 +66,9 @@ def test_cli_create_takes_a_pooled_clone(hull: Runner, bundle: BundleFactory, po
             assert done.returncode == 0, err.read_text()
             assert not own_qemu("pc1"), "the container restored or booted a VM of its own"
             assert (pooled_now := pool_status(hull, pooled)) and pooled_now["leased"] == 1
+            # Its proxy came from the pool daemon's fork server (hull.runtime.forkserver).
+            proxy = json.loads((state_root / "pc1/state.json").read_text())["proxy_pid"]
+            assert parent(parent(proxy)) == pooled_now["pid"]
             assert sharedfs.mounts_under(state_root / "pc1/shared/pc1/rootfs")
             assert cli("start", "pc1", extra=config).returncode == 0
             assert cli.wait_status("pc1", "stopped")["status"] == "stopped"

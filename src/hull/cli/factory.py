@@ -101,6 +101,11 @@ def _destroy(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _pool(ctx: Context, args: argparse.Namespace) -> int:
-    from hull.runtime import pool
+    from hull.cli.helpers import forked_proxy, preload_proxy
+    from hull.runtime import factory, forkserver, pool
 
+    # Before the daemon's event loop exists: the fork server forks the CLI sandboxes'
+    # proxies (hull.runtime.forkserver), which then share their imports.
+    forkserver.start(factory.root(ctx.config) / forkserver.SOCKET, forked_proxy,
+                     preload_proxy)
     return pool.serve(ctx.config, args.lock_fd)

@@ -26,6 +26,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_proxy)
 
 
+#: What a proxy imports, in run_proxy and below: the pool's fork server (hull.runtime.
+#: forkserver) imports them once for all the proxies it forks.
+PROXY_MODULES = ("asyncio", "hull.config.annotations", "hull.network.host",
+                 "hull.runtime.proxyd", "hull.runtime.sizing", "hull.runtime.layout",
+                 "hull.runtime.lifecycle", "hull.proxy.router", "hull.runtime.sandboxinfo",
+                 "hull.runtime.sandbox", "hull.runtime.pool", "hull.runtime.factory",
+                 "hull.hypervisor.qemu.machine", "hull.cli.helpers")
+
+
+def preload_proxy() -> None:
+    import importlib
+
+    for name in PROXY_MODULES:
+        importlib.import_module(name)
+
+
+def forked_proxy(argv: list[str]) -> int:
+    """A proxy's main in a process the fork server forked: ``argv`` is the command line
+    `hull create` would have run (``python -m hull ... proxy ...``); the exit `hull`
+    makes."""
+    from hull.cli.main import exit_now, main
+
+    if argv[1:3] != ["-m", "hull"]:
+        raise HullError(f"not a hull command line: {argv[:3]}")
+    exit_now(main(argv[3:]))
+
+
 def run_proxy(ctx: Context, args: argparse.Namespace) -> int:
     # Each verb imports only what its process needs: both live as long as their sandbox
     # or process, and every module imported stays in their memory (docs/performance.md).

@@ -123,23 +123,38 @@ class Runtime:
         """Start a `hull` helper (the proxy) and wait until it reports "ok" (or its
         error) on a pipe."""
         argv = [*self.helper, verb[0], "--ready-fd", "{ready}", *verb[1:]]
-        return self._spawn(cdir, verb[0], argv, daemon, inherit=not daemon)
+        server = None
+        if daemon and self.config.factory.enabled and self.config.factory.pool_size:
+            from hull.runtime import factory, forkserver
+
+            server = factory.root(self.config) / forkserver.SOCKET
+        return self._spawn(cdir, verb[0], argv, daemon, inherit=not daemon, server=server)
 
     def _spawn(self, cdir: ContainerDir, name: str, argv: list[str], daemon: bool,
-               inherit: bool, request: tuple[int, int, bytes] | None = None) -> int:
+               inherit: bool, request: tuple[int, int, bytes] | None = None,
+               server: Path | None = None) -> int:
         """``request``: (read end, write end, bytes) of a pipe the child reads at once;
-        both ends are closed here, whatever happens."""
+        both ends are closed here, whatever happens. ``server``: a daemon forked by the
+        pool's fork server there (hull.runtime.forkserver), when it answers."""
         read, write = os.pipe2(os.O_CLOEXEC)
-        argv = [str(write) if arg == "{ready}" else arg for arg in argv]
         log_file = cdir.path / f"{name}.log"
+        proc: subprocess.Popen[bytes] | None = None
+        pid: int | None = None
         try:
             with open(log_file, "ab") as err:
-                proc = subprocess.Popen(
-                    argv, pass_fds=(write,) if request is None else (write, request[0]),
-                    start_new_session=daemon,
-                    stdin=None if inherit else subprocess.DEVNULL,
-                    stdout=None if inherit else subprocess.DEVNULL,
-                    stderr=None if inherit else err)
+                if server is not None and server.exists():
+                    from hull.runtime import forkserver
+
+                    pid = forkserver.spawn(server, argv, write, err.fileno())
+                if pid is None:
+                    proc = subprocess.Popen(
+                        [str(write) if arg == "{ready}" else arg for arg in argv],
+                        pass_fds=(write,) if request is None else (write, request[0]),
+                        start_new_session=daemon,
+                        stdin=None if inherit else subprocess.DEVNULL,
+                        stdout=None if inherit else subprocess.DEVNULL,
+                        stderr=None if inherit else err)
+                    pid = proc.pid
         except OSError as exc:
             os.close(read)
             if request is not None:
@@ -159,12 +174,14 @@ class Runtime:
             answer = ready.readline(4096).decode(errors="replace").strip()
         if answer != "ok":
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+                os.kill(pid, signal.SIGKILL)
+            if proc is not None:  # a forked one is the fork server's to reap
+                proc.wait()
             if not answer:
-                answer = _last_line(log_file) or f"hull {name} exited with {proc.returncode}"
+                answer = _last_line(log_file) or f"hull {name} exited" + (
+                    f" with {proc.returncode}" if proc is not None else "")
             raise HullError(answer)
-        return proc.pid
+        return pid
 
     # ------------------------------------------------------------------ queries
 
