@@ -105,6 +105,37 @@ def test_clone_config_refuses_devices_templates_lack(tmp_path: Path, kw: dict[st
         factory.clone_config(vm(**kw), template(tmp_path), 7, spares)
 
 
+def test_templates_and_clones_boot_the_same_command_line(tmp_path: Path) -> None:
+    """The template's guest zeroes what it frees (init_on_free=1); a clone's QEMU gets
+    the template's kernel command line, not only its devices."""
+    base = vm()
+    made = factory.template_config(base, tmp_path, SPARES)
+    clone = factory.clone_config(base, template(tmp_path), 7, SPARES)
+    assert "init_on_free=1" in made.kernel_params
+    assert made.kernel_params == clone.kernel_params == (*base.kernel_params,
+                                                         *factory.TEMPLATE_PARAMS)
+    assert opt(argv.build("q", made, argv.Fds(3, 4)), "-append") == opt(
+        argv.build("q", clone, argv.Fds(3, 4)), "-append")
+
+
+def test_zero_pages_are_punched_out_and_read_back_as_zeros() -> None:
+    page = 4096
+    content = bytearray(3 * (2 << 20))  # three chunks: zero, mixed, zero but one byte
+    content[(2 << 20) + 5 * page + 7] = 1
+    content[(2 << 20) + 9 * page] = 2
+    content[-1] = 3
+    path = Path("/dev/shm") / f"hull-test-punch-{os.getpid()}"  # tmpfs: holes are free
+    try:
+        path.write_bytes(bytes(content))
+        before = os.stat(path).st_blocks * 512
+        freed = factory.punch_zero_pages(path)
+        assert freed == len(content) - 3 * page
+        assert before - os.stat(path).st_blocks * 512 == freed
+        assert path.read_bytes() == bytes(content) and os.stat(path).st_size == len(content)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def test_template_config_has_fixed_devices(tmp_path: Path) -> None:
     cfg = factory.template_config(vm(nics=(Nic("02:00:00:00:00:01", 5),)), tmp_path, SPARES)
     assert [s.tag for s in cfg.shares] == list(factory.TEMPLATE_TAGS)

@@ -48,6 +48,7 @@ written again, only unlinked (a clone's private mapping keeps the old pages aliv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -68,9 +69,18 @@ from hull.network.host import PrivateTaps
 from hull.runtime.sharedfs import SHARE_TAG, mounts_under
 
 log = logging.getLogger("hull.factory")
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
 MANIFEST = "manifest.json"
 #: 3: the NICs are booted with vnet-header taps (checksum and TSO offloads negotiated)
-FORMAT = 3
+#: 4: the template's guest zeroes the pages it frees (TEMPLATE_PARAMS), and the zero pages
+#: of its RAM file are punched out
+FORMAT = 4
+#: Kernel parameters of a template's guest, beyond the sandbox's own. ``init_on_free=1``:
+#: the guest zeroes pages as it frees them and so does not zero them again when it hands
+#: them out; a page a clone allocates and fills only in part then stays the template's,
+#: instead of becoming the clone's private copy (docs/performance.md, host memory).
+TEMPLATE_PARAMS = ("init_on_free=1",)
 #: Virtio-net devices every template has (clones with more NICs boot cold).
 TEMPLATE_NICS = 1
 #: The spare NICs' host_mtu: the guest's maximum MTU (configure_network sets the veth's).
@@ -255,7 +265,8 @@ def clone_config(vm: VMConfig, template: Template, state_fd: int,
     shares = tuple(by_tag.get(tag, Share(tag, template.empty, readonly=True))
                    for tag in TEMPLATE_TAGS)
     return dataclasses.replace(vm, shares=shares, memory_file=template.ram,
-                               memory_shared=False, incoming_fd=state_fd, nics=nics)
+                               memory_shared=False, incoming_fd=state_fd, nics=nics,
+                               kernel_params=(*vm.kernel_params, *TEMPLATE_PARAMS))
 
 
 def template_config(vm: VMConfig, path: Path, taps: Sequence[int]) -> VMConfig:
@@ -265,7 +276,46 @@ def template_config(vm: VMConfig, path: Path, taps: Sequence[int]) -> VMConfig:
     return dataclasses.replace(
         vm, shares=tuple(Share(tag, empty, readonly=True) for tag in TEMPLATE_TAGS),
         memory_file=path / "ram", memory_shared=True, incoming_fd=-1,
-        nics=spare_nics(taps), netns_fd=-1, console_log=path / "console.log")
+        nics=spare_nics(taps), netns_fd=-1, console_log=path / "console.log",
+        kernel_params=(*vm.kernel_params, *TEMPLATE_PARAMS))
+
+
+def punch_zero_pages(path: Path, page: int = 4096, chunk: int = 2 << 20) -> int:
+    """Deallocate the pages of ``path`` that hold only zeros (fallocate PUNCH_HOLE, the
+    size kept); the bytes freed. A template guest that zeroes what it frees leaves most
+    of its RAM file zero: the holes read back as zeros, and take no memory."""
+    zero_chunk, zero_page = bytes(chunk), bytes(page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    freed = 0
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while data := os.pread(fd, chunk, offset):
+            view = memoryview(data)
+            if data == zero_chunk:
+                runs = [(0, len(data))]
+            else:
+                runs = []
+                for start in range(0, len(data), page):
+                    if view[start:start + page] == zero_page:
+                        if runs and runs[-1][0] + runs[-1][1] == start:
+                            runs[-1] = (runs[-1][0], runs[-1][1] + page)
+                        else:
+                            runs.append((start, page))
+            for start, length in runs:
+                _punch(libc, fd, offset + start, length)
+                freed += length
+            offset += len(data)
+    finally:
+        os.close(fd)
+    return freed
+
+
+def _punch(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> None:
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                      ctypes.c_int64(length)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
 
 
 async def build(config: Config) -> Template:
@@ -302,7 +352,10 @@ async def build(config: Config) -> Template:
                 if sandbox.channel is not None:
                     await sandbox.channel.close()
                     sandbox.channel = None
+        punched = punch_zero_pages(work / "ram")
         st = os.stat(work / "ram")
+        log.debug("template %s: %d MiB of zero pages punched out, %d MiB of RAM kept",
+                  final.name, punched >> 20, (st.st_blocks * 512) >> 20)
         manifest = {
             "format": FORMAT, "key": key, "created": time.time(), "boot_seconds": booted,
             "state_sha256": _sha256(work / "state"), "ram_size": st.st_size,
