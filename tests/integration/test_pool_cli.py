@@ -85,10 +85,20 @@ def test_cli_create_takes_a_pooled_clone(hull: Runner, bundle: BundleFactory, po
             assert done.returncode == 0, err.read_text()
             wait_pool(hull, pooled, idle=1, leased=1)
             state = json.loads((state_root / "pc2/state.json").read_text())
+            server = parent(state["proxy_pid"])
             os.kill(state["proxy_pid"], signal.SIGKILL)
             wait_pool(hull, pooled, idle=1, leased=0)
             assert cli("delete", "--force", "pc2").returncode == 0
         assert sharedfs.mounts_under(state_root) == [] and not (state_root / "pc2").exists()
+        # Without its fork server (killed), `hull create` starts its proxy itself.
+        os.kill(server, signal.SIGKILL)
+        with cleanup(cli, "pc3"):
+            done, _, err = cli.create("pc3", b, extra=config)
+            assert done.returncode == 0, err.read_text()
+            state = json.loads((state_root / "pc3/state.json").read_text())
+            assert parent(parent(state["proxy_pid"])) != pool_status(hull, pooled)["pid"]
+            assert cli("delete", "--force", "pc3").returncode == 0
+        assert sharedfs.mounts_under(state_root) == [] and not (state_root / "pc3").exists()
         assert not sharedfs.mounts_under(volume)
     finally:
         reap_all()
