@@ -99,6 +99,10 @@ def test_cli_create_takes_a_pooled_clone(hull: Runner, bundle: BundleFactory, po
             assert parent(parent(state["proxy_pid"])) != pool_status(hull, pooled)["pid"]
             assert cli("delete", "--force", "pc3").returncode == 0
         assert sharedfs.mounts_under(state_root) == [] and not (state_root / "pc3").exists()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{server}").exists(), "the daemon reaps its fork server"
         assert not sharedfs.mounts_under(volume)
     finally:
         reap_all()

@@ -106,6 +106,6 @@ def _pool(ctx: Context, args: argparse.Namespace) -> int:
 
     # Before the daemon's event loop exists: the fork server forks the CLI sandboxes'
     # proxies (hull.runtime.forkserver), which then share their imports.
-    forkserver.start(factory.root(ctx.config) / forkserver.SOCKET, forked_proxy,
-                     preload_proxy)
-    return pool.serve(ctx.config, args.lock_fd)
+    server = forkserver.start(factory.root(ctx.config) / forkserver.SOCKET, forked_proxy,
+                              preload_proxy)
+    return pool.serve(ctx.config, args.lock_fd, server)

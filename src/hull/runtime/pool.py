@@ -153,8 +153,10 @@ class Slot:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, forkserver: int | None = None) -> None:
         self.config = config
+        #: pid of the fork server this daemon started (hull.runtime.forkserver), its child
+        self.forkserver = forkserver
         self.idle: list[Slot] = []
         self.leased: set[str] = set()
         self.stopping = asyncio.Event()
@@ -212,9 +214,25 @@ class Daemon:
                 if str(exc) != self.last_error:
                     log.warning("pool: cannot restore a clone: %s", exc)
                 self.last_error = str(exc)
+            self._reap_forkserver()
             # Soon again when only the quiet time held a refill back (never after a failure).
             waiting = len(self.idle) < self.config.factory.pool_size and not self.last_error
             await asyncio.sleep(REFILL_QUIET / 2 if waiting else CHECK_EVERY)
+
+    def _reap_forkserver(self) -> None:
+        """Reap the fork server if it died (killed: no proxy is forked any more, `hull
+        create` starts them itself); it is this daemon's child, asyncio does not wait
+        for it."""
+        if self.forkserver is None:
+            return
+        try:
+            pid, status = os.waitpid(self.forkserver, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.forkserver, -1
+        if pid:
+            log.warning("pool: the fork server (pid %d) ended (status %d): CLI sandboxes "
+                        "start their proxies themselves", self.forkserver, status)
+            self.forkserver = None
 
     async def _restore(self, key: str) -> Slot:
         slot_id = secrets.token_hex(4)
@@ -383,10 +401,11 @@ def _remove_slot(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def serve(config: Config, lock_fd: int) -> int:
-    """The daemon's main (``hull factory pool``); ``lock_fd`` holds .pool.lock."""
+def serve(config: Config, lock_fd: int, forkserver: int | None = None) -> int:
+    """The daemon's main (``hull factory pool``); ``lock_fd`` holds .pool.lock;
+    ``forkserver``: the pid of the fork server it started."""
     try:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(Daemon(config, forkserver).run())
     finally:
         os.close(lock_fd)
     return 0
