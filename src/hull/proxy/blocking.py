@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 READ_SIZE = 256 * 1024
+#: How much a relay reads from a host fd (a process's stdin) at a time.
+READ_CHUNK = 64 * 1024
 
 
 def agent_error(response: schema.Response) -> Exception:
@@ -49,6 +51,7 @@ def agent_error(response: schema.Response) -> Exception:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to host ``fd`` (a blocking fd: a pipe, tty, file or socket)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

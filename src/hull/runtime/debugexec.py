@@ -15,8 +15,9 @@ from hull.agentapi import schema
 from hull.errors import HullError
 from hull.proxy.channel import AgentChannel
 from hull.runtime.proxysock import connect
+from hull.runtime.shim import HostStdio
 from hull.runtime.state import ContainerDir
-from hull.runtime.stdio import HostStdio, ProcessIO
+from hull.runtime.stdio import ProcessIO
 
 #: Without a command: busybox's shell (an image built with --with-busybox).
 DEFAULT_SHELL = ["sh", "-i"]

@@ -142,7 +142,7 @@ class Runtime:
         pid: int | None = None
         try:
             with open(log_file, "ab") as err:
-                if server is not None and server.exists():
+                if server is not None:
                     from hull.runtime import forkserver
 
                     pid = forkserver.spawn(server, argv, write, err.fileno())

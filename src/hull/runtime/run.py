@@ -29,8 +29,9 @@ from hull.runtime import hooks, sizing
 from hull.runtime.layout import Files, rootfs_request
 from hull.runtime.lifecycle import network_record, oci_state, shared_dir
 from hull.runtime.sandbox import Sandbox, Timeline
+from hull.runtime.shim import HostStdio
 from hull.runtime.state import ContainerDir, ContainerState, Status, start_time
-from hull.runtime.stdio import HostStdio, ProcessIO
+from hull.runtime.stdio import ProcessIO
 
 log = logging.getLogger("hull.run")
 #: How long create_container and start_container may take, besides the guest's hooks.

@@ -32,7 +32,7 @@ import threading
 from hull.agentapi import schema
 from hull.errors import HullError
 from hull.logids import setup_logging
-from hull.proxy.blocking import BlockingChannel, Output
+from hull.proxy.blocking import READ_CHUNK, BlockingChannel, Output
 from hull.runtime import console
 from hull.runtime.proxysock import SOCKET_NAME, connect_unix, report
 
@@ -49,7 +49,6 @@ CREATE_TIMEOUT = 120.0
 LOST = 128 + signal.SIGKILL
 #: Signals a shim does not forward: it needs them itself, or they cannot be caught.
 NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH}
-READ_CHUNK = 64 * 1024
 
 
 class ShimRequest:
@@ -68,7 +67,9 @@ class ShimRequest:
 
 
 class HostStdio:
-    """Host fds of one process; None where the process gets nothing (/dev/null)."""
+    """Host fds of one process; None where the process gets nothing (/dev/null). Also
+    `hull run`'s and `hull debug`'s (hull.runtime.stdio): defined here, where the shim
+    can have it without asyncio or dataclasses."""
 
     def __init__(self, stdin: int | None = 0, stdout: int | None = 1,
                  stderr: int | None = 2, terminal: bool = False) -> None:
@@ -144,7 +145,7 @@ def serve(req: ShimRequest, ready: int | None) -> int:
         threading.Thread(target=_pump_input, args=(channel, host.stdin, stdin),
                          name="stdin", daemon=True).start()
     try:
-        return _relay(req, channel, host, outputs, exited)
+        return _relay(req, channel, host, exited)
     finally:
         channel.close()
 
@@ -194,7 +195,7 @@ def _pump_input(channel: BlockingChannel, fd: int, stream: int) -> None:
 
 
 def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
-           outputs: list[Output], exited: list[schema.ProcessExit]) -> int:
+           exited: list[schema.ProcessExit]) -> int:
     cid, exec_id = req.container_id, req.exec_id
 
     def resize() -> None:

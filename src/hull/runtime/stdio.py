@@ -15,15 +15,9 @@ from dataclasses import dataclass, field
 
 from hull.agentapi import schema
 from hull.errors import HullError
+from hull.proxy.blocking import READ_CHUNK, write_all
 from hull.proxy.channel import AgentChannel, InboundStream
-
-READ_CHUNK = 64 * 1024
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+from hull.runtime.shim import HostStdio
 
 
 def relay_output(channel: AgentChannel, fd: int) -> InboundStream:
@@ -32,19 +26,9 @@ def relay_output(channel: AgentChannel, fd: int) -> InboundStream:
     loop = asyncio.get_running_loop()
 
     async def consume(data: bytes) -> None:
-        await loop.run_in_executor(None, _write_all, fd, data)
+        await loop.run_in_executor(None, write_all, fd, data)
 
     return channel.open_inbound(consume)
-
-
-@dataclass
-class HostStdio:
-    """Host fds of one process; None where the process gets nothing (/dev/null)."""
-
-    stdin: int | None = 0
-    stdout: int | None = 1
-    stderr: int | None = 2
-    terminal: bool = False
 
 
 @dataclass

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from hull.agentapi import schema
 from hull.errors import HullError
+from hull.proxy.blocking import READ_CHUNK
 from hull.proxy.channel import AgentChannel, InboundStream
 from hull.runtime.stdio import relay_output
 
 log = logging.getLogger("hull.shim.stdio")
-READ_CHUNK = 64 * 1024
 BINARY_READY_TIMEOUT = 10.0
 
 
