@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,12 +22,10 @@ from tests.integration.conftest import HULL, BundleFactory, Runner
 from tests.integration.containerd_fixture import RUNTIME, Containerd, containerd
 from tests.integration.test_network import (
     CTR_V4,
-    PY_CLIENT,
     Net,
-    background,
-    finish,
+    echo_client,
+    echo_round_trip,
     hull_filters,
-    in_ns,
     ip,
     net,
     one_veth,
@@ -192,13 +189,9 @@ def test_networked_clone(hull: Runner, bundle: BundleFactory, templated: Path,
     assert mac
     b = bundle(["sh", "-c", "ip addr show eth0; exec nc -l -p 7000 -e cat"],
                mutate=with_netns(one_veth.ctr_path))
-    ctr = background(["--config", str(templated), "run", "-b", str(b), "netclone"],
-                     state_root)
-    try:
-        client = in_ns(one_veth.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000",
-                                       "through-a-clone"], timeout=120)
-    finally:
-        code, out, err = finish(ctr)
+    client, code, out, err = echo_round_trip(
+        one_veth, ["--config", str(templated), "run", "-b", str(b), "netclone"], state_root,
+        "through-a-clone")
     assert client.returncode == 0, client.stderr + err
     assert client.stdout.strip() == "through-a-clone"
     assert code == 0 and COLD.decode() not in err, err
@@ -221,8 +214,7 @@ def run_echo_pod(containerd: Containerd, rootfs: Path, net: Net, name: str) -> N
 
 
 def echo_through(net: Net, text: str) -> None:
-    client = in_ns(net.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000", text],
-                   timeout=120)
+    client = echo_client(net, text)
     assert client.returncode == 0, client.stderr
     assert client.stdout.strip() == text
 

@@ -177,6 +177,24 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str
 # ------------------------------------------------------------------------- tests
 
 
+def echo_client(net: Net, text: str) -> subprocess.CompletedProcess[str]:
+    """PY_CLIENT in the peer's namespace: ``text`` to CTR_V4:7000, the echo printed."""
+    return in_ns(net.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000", text],
+                 timeout=120)
+
+
+def echo_round_trip(net: Net, hull_argv: list[str], state_root: Path, text: str
+                    ) -> tuple[subprocess.CompletedProcess[str], int, str, str]:
+    """`hull <hull_argv>` (a container echoing one connection on 7000) in the background,
+    then echo_client: the client's result and the container's (status, stdout, stderr)."""
+    ctr = background(hull_argv, state_root)
+    try:
+        client = echo_client(net, text)
+    finally:
+        code, out, err = finish(ctr)
+    return client, code, out, err
+
+
 def test_container_sees_the_veth(hull: Runner, bundle: BundleFactory, one_veth: Net) -> None:
     """Same name, MAC, MTU, IPv4/IPv6 addresses and default route as the client's veth."""
     ip("link", "set", "eth0", "mtu", "1400", netns=one_veth.ctr)
@@ -196,12 +214,8 @@ def test_container_sees_the_veth(hull: Runner, bundle: BundleFactory, one_veth: 
 def test_echo_server_in_container_reached_from_peer(hull: Runner, bundle: BundleFactory,
                                                     one_veth: Net, state_root: Path) -> None:
     b = bundle(["nc", "-l", "-p", "7000", "-e", "cat"], mutate=with_netns(one_veth.ctr_path))
-    ctr = background(["run", "-b", str(b), "echo-in"], state_root)
-    try:
-        client = in_ns(one_veth.peer, [sys.executable, "-c", PY_CLIENT, CTR_V4, "7000",
-                                       "ping-pong"], timeout=120)
-    finally:
-        code, _, err = finish(ctr)
+    client, code, _, err = echo_round_trip(one_veth, ["run", "-b", str(b), "echo-in"],
+                                           state_root, "ping-pong")
     assert client.returncode == 0, client.stderr + err
     assert client.stdout.strip() == "ping-pong"
     assert code == 0, err
