@@ -1,12 +1,17 @@
-"""Ten pods started concurrently through Kubernetes CRI: Hull beside containerd's runc shim.
+"""Ten pods started concurrently through Kubernetes CRI or ctr: Hull beside containerd's
+runc shim.
 
-Usage: python -m benchmarks.bench_pods [--pods N] [--factory] [--pool N] [--no-runc]
+Usage: python -m benchmarks.bench_pods [--pods N] [--via cri|ctr] [--factory] [--pool N]
+[--no-runc]
 One containerd 1.6 with its CRI plugin (benchmarks/pods.py) and two runtime handlers:
 ``runc`` (io.containerd.runc.v2) and ``hull`` (io.containerd.hull.v2, one VM per pod).
-For each, N pods are started at once, each RunPodSandbox + CreateContainer (busybox
-``sleep``) + StartContainer, from N threads; then the host PSS of every pod's processes
-(the shim and everything under it, and the QEMU a pod leased from the pool) is summed
-and divided by N; then the pods are
+For each, N pods are started at once from N threads, through CRI (the default: each
+RunPodSandbox, with the CNI network and the pause container, + CreateContainer of
+busybox ``sleep`` + StartContainer) or through ctr (``--via ctr``: each a ``ctr run -d``
+of the same busybox image, which the shim v2 runs as a pod of its own: one VM, one
+container, no pod network; Hull's runtime gets the same configuration file as the CRI
+handler); then the host PSS of every pod's processes (the shim and everything under it,
+and the QEMU a pod leased from the pool) is summed and divided by N; then the pods are
 removed. Prints the machine, the wall time of the whole batch, the median per-pod
 latency and the PSS per pod, with Hull/runc ratios, and where a Hull pod's start time
 went (per phase, medians over the pods, from containerd's log). With N pods on few
@@ -30,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tests.integration.containerd_fixture import RUNTIME
 from tests.integration.cri.fixture import CriEnv
 from tests.integration.cri.images import BUSYBOX_IMAGE
 
@@ -45,6 +51,9 @@ from benchmarks.pods import (
     shim_trees,
 )
 
+#: Runtime (ctr) per CRI runtime handler.
+RUNTIMES = {"hull": RUNTIME, "runc": "io.containerd.runc.v2"}
+
 
 def start_pod(env: CriEnv, handler: str, i: int) -> tuple[str, float]:
     start = time.perf_counter()
@@ -59,6 +68,27 @@ def remove_pod(env: CriEnv, pod: str) -> None:
     env.client.remove_pod(pod)
 
 
+def run_task(env: CriEnv, handler: str, i: int) -> tuple[str, float]:
+    """`ctr run -d` of busybox sleep: a task of its own (for Hull, a VM of its own)."""
+    task = f"{handler}-ctr-{i}"
+    options = (["--runtime-config-path", str(env.containerd.base / "hull.toml")]
+               if handler == "hull" else [])
+    start = time.perf_counter()
+    env.containerd.ctr("run", "-d", "--runtime", RUNTIMES[handler], *options,
+                       BUSYBOX_IMAGE, task, "sleep", "3600")
+    return task, time.perf_counter() - start
+
+
+def remove_task(env: CriEnv, task: str) -> None:
+    env.containerd.ctr("task", "kill", "-s", "SIGKILL", task, check=False)
+    deadline = time.monotonic() + 60
+    while env.containerd.ctr("task", "delete", task, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ctr task delete {task}: the task did not stop")
+        time.sleep(0.2)
+    env.containerd.ctr("containers", "rm", task)
+
+
 def busy_seconds() -> float:
     """CPU time the whole host spent busy so far, over all cores (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -67,10 +97,12 @@ def busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def batch(env: CriEnv, handler: str, n: int) -> dict[str, float]:
+def batch(env: CriEnv, handler: str, n: int, via: str = "cri") -> dict[str, float]:
+    start_one, remove_one = (start_pod, remove_pod) if via == "cri" else (run_task,
+                                                                          remove_task)
     with ThreadPoolExecutor(n) as pool:
         start, busy = time.perf_counter(), busy_seconds()
-        results = list(pool.map(lambda i: start_pod(env, handler, i), range(n)))
+        results = list(pool.map(lambda i: start_one(env, handler, i), range(n)))
         wall = time.perf_counter() - start
         cpu = busy_seconds() - busy
     time.sleep(3)  # let the guests and shims settle before measuring memory
@@ -86,7 +118,7 @@ def batch(env: CriEnv, handler: str, n: int) -> dict[str, float]:
     hz = os.sysconf("SC_CLK_TCK")
     with ThreadPoolExecutor(n) as pool:
         start = time.perf_counter()
-        list(pool.map(lambda r: remove_pod(env, r[0]), results))
+        list(pool.map(lambda r: remove_one(env, r[0]), results))
         removal = time.perf_counter() - start
     return {"wall": wall, "median": statistics.median(r[1] for r in results), "cpu": cpu / n,
             "pss_mib": total / n / 1024, "shims": len(trees), "removal": removal,
@@ -97,6 +129,9 @@ def batch(env: CriEnv, handler: str, n: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pods", type=int, default=10)
+    parser.add_argument("--via", choices=("cri", "ctr"), default="cri",
+                        help="start pods through CRI (pod network, pause container, "
+                        "one busybox container) or as `ctr run -d` tasks (default: cri)")
     parser.add_argument("--factory", action="store_true",
                         help="clone the pods' VMs from a template (built first)")
     parser.add_argument("--pool", type=int, default=0, metavar="N",
@@ -107,18 +142,20 @@ def main() -> None:
     args = parser.parse_args()
     n = args.pods
     with cri_containerd() as env:
-        runc = None if args.no_runc else batch(env, "runc", n)
+        runc = None if args.no_runc else batch(env, "runc", n, args.via)
         with (factory(env, args.pool) if args.factory or args.pool
               else contextlib.nullcontext()):
-            hull = batch(env, "hull", n)
-        phases, notes = pod_phases(env.containerd.log, [f"hull-{i}" for i in range(n)])
+            hull = batch(env, "hull", n, args.via)
+        phases, notes = (pod_phases(env.containerd.log, [f"hull-{i}" for i in range(n)])
+                         if args.via == "cri" else ([], []))
         if args.log:
             shutil.copy(env.containerd.log, args.log)
     mode = (f"from a pool of {args.pool} clones" if args.pool
             else "cloned from a template" if args.factory else "cold boots")
-    print(f"machine: {machine()}; containerd 1.6 CRI, {n} pods started concurrently "
-          f"(RunPodSandbox + CreateContainer + StartContainer of busybox sleep); "
-          f"hull: {mode}\n")
+    how = ("CRI (RunPodSandbox + CreateContainer + StartContainer of busybox sleep)"
+           if args.via == "cri" else "ctr (`ctr run -d` of busybox sleep, a pod each)")
+    print(f"machine: {machine()}; containerd 1.6, {n} pods started concurrently through "
+          f"{how}; hull: {mode}\n")
     print("| what | hull | runc | ratio |\n|---|---|---|---|")
     rows = [(f"wall time, {n} pods", "wall", "s"), ("median per-pod start", "median", "s"),
             ("host CPU per pod start (whole host, busy time / pods)", "cpu", "s"),
@@ -142,6 +179,8 @@ def main() -> None:
         if result is not None:
             print(f"- {name}: " + ", ".join(f"{k[4:-2]} {v:.2f}" for k, v in result.items()
                                             if k.startswith("cpu_") and k.endswith("_s")))
+    if args.via != "cri":
+        return
     print(f"\nWhere a Hull pod's start went ({n} pods at once; medians over the pods):\n")
     print(phase_table("phase", phases))
     print("\nThe shims' boot lines:")
