@@ -7,10 +7,10 @@ as their container process lives.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
+
+from hull.logline import json_line, text_line
 
 
 class ContainerIdFilter(logging.Filter):
@@ -31,28 +31,22 @@ class JsonFormatter(logging.Formatter):
     """runc's --log-format json: one object a line; containerd reads the last error's msg."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "level": record.levelname.lower().replace("warning", "warning"),
-            "msg": record.getMessage(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs * 1000):06d}Z",
-        }
-        cid = getattr(record, "container_id", None)
-        if cid:
-            entry["id"] = cid
-        return json.dumps(entry)
+        return json_line(record.levelname, record.created, record.getMessage(),
+                         getattr(record, "container_id", None))
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
+    """``asctime LEVEL [id] message``, then the traceback if the record has one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        cid = getattr(record, "container_id", None)
-        if cid:
-            head, _, rest = text.partition(f" {record.levelname} ")
-            text = f"{head} {record.levelname} [{cid}] {rest}"
+        text = text_line(record.levelname, record.created, record.getMessage(),
+                         getattr(record, "container_id", None))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
         return text
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import hull
 from hull.agentapi import records, schema, wirejson
 from hull.cli import main as cli_main
 from hull.runtime import shim
@@ -181,11 +182,13 @@ def test_every_verb_is_in_the_registry_of_its_module() -> None:
 
 def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
     """A shim lives as long as its container process: no asyncio (nor its TLS), no CLI,
-    no VM side, no host networking in its memory (docs/performance.md, host memory)."""
+    no VM side, no host networking, no logging, json or re, no site in its memory
+    (docs/performance.md, host memory)."""
     (tmp_path / "c1").mkdir()
     request = shim.request_json(tmp_path / "c1", "c1", "e1", {"process": {}}, None, False,
                                 None, "text", False)
     code = ("import os, sys\n"
+            f"sys.path.insert(0, {str(Path(hull.__file__).parents[1])!r})\n"
             "from hull.runtime import shim\n"
             "r, w = os.pipe()\n"
             "qr, qw = os.pipe()\n"
@@ -195,11 +198,46 @@ def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
             "print(sorted(m for m in ('asyncio', 'ssl', '_ssl', 'argparse', 'dataclasses',"
             " 'hull.cli.main', 'hull.runtime.state', 'hull.network.host',"
             " 'hull.runtime.sandbox', 'qemu.qmp', 'hull.hypervisor.qemu.machine',"
-            " 'hull.proxy.channel') if sys.modules.get(m)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+            " 'hull.proxy.channel', 'logging', 'json', 're', 'site', 'typing')"
+            " if sys.modules.get(m)))\n")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path).stdout.splitlines()
     assert out[0] == "1 container c1: its proxy does not answer (No such file or directory)"
     assert out[1] == "[]"
+
+
+def test_the_shim_command_runs_this_installation_without_site(tmp_path: Path) -> None:
+    argv = shim.command(sys.executable, "c1")
+    assert argv[:3] == [sys.executable, "-S", "-c"] and argv[-1] == "c1"
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=tmp_path,
+                          env={"PATH": os.environ.get("PATH", "")})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: hull.runtime.shim --ready-fd R --request-fd Q ID")
+
+
+def test_a_shim_logs_without_logging_in_hulls_formats(tmp_path: Path) -> None:
+    """hull.logline: the shim's lines look like every other process's (hull.logids)."""
+    import logging
+
+    from hull.logids import JsonFormatter, TextFormatter
+    from hull.logline import LineLog
+
+    record = logging.LogRecord("hull.shim", logging.ERROR, __file__, 1, "lost %s", ("it",),
+                               None)
+    record.container_id = "c1"
+    for fmt, formatter in (("json", JsonFormatter()), ("text", TextFormatter())):
+        log = LineLog(str(tmp_path / f"{fmt}.log"), fmt, False, "c1")
+        log.debug("not written without --debug")
+        log.error("lost it")
+        (line,) = (tmp_path / f"{fmt}.log").read_text().splitlines()
+        expected = formatter.format(record)
+        if fmt == "json":  # the same fields; the time is the line's own
+            got, want = json.loads(line), json.loads(expected)
+            assert got.pop("time").endswith("Z") and want.pop("time").endswith("Z")
+            assert got == want == {"level": "error", "msg": "lost it", "id": "c1"}
+        else:
+            assert line.split(" ", 2)[2] == expected.split(" ", 2)[2] == "ERROR [c1] lost it"
+    LineLog(str(tmp_path / "missing-dir" / "x.log"), "text", True, "c1").error("dropped")
 
 
 def test_a_shim_refuses_a_bad_request_in_one_line(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from hull.oci.bundle import check_process
 from hull.runtime import shim
 from hull.runtime.lifecycle import Runtime, load_spec, write_pid_file
 from hull.runtime.state import start_time
+
+log = logging.getLogger("hull.shim")
 
 
 def build_process(base: dict[str, Any], process_file: str | None, args: list[str],
@@ -71,13 +74,13 @@ def exec_process(rt: Runtime, container_id: str, process: dict[str, Any], detach
     request = shim.ShimRequest(cdir.path, cdir.id, exec_id, {"process": process},
                                console_socket, terminal)
     if not terminal or console_socket:
-        return shim.serve(request, None)
+        return shim.serve(request, None, log.error)
     # hull.runtime.run imported only here: it brings the whole VM side (sandbox, QEMU
     # driver), which `hull exec` does not need, ~6-10 ms of an exec's start-up.
     from hull.runtime.run import raw_terminal
 
     with raw_terminal(0):
-        return shim.serve(request, None)
+        return shim.serve(request, None, log.error)
 
 
 def _detached(rt: Runtime, cdir: Any, exec_id: str, process: dict[str, Any],

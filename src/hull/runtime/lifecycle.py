@@ -114,8 +114,8 @@ class Runtime:
         request = shim.request_json(cdir.path, cdir.id, exec_id, payload, console_socket,
                                     terminal, self.log_path, self.log_format, self.debug)
         read, write = os.pipe2(os.O_CLOEXEC)  # _spawn closes both
-        argv = [sys.executable, "-m", "hull.runtime.shim", "--ready-fd", "{ready}",
-                "--request-fd", str(read), cdir.id]
+        argv = shim.command(sys.executable, "--ready-fd", "{ready}", "--request-fd",
+                            str(read), cdir.id)
         return self._spawn(cdir, "shim", argv, daemon=False, inherit=not console_socket,
                            request=(read, write, request))
 

@@ -8,41 +8,40 @@ signal it receives to the process in the guest, and exits with the process's sta
 (128+N for death by signal N). It lives exactly as long as that process: if the shim is
 killed, the proxy kills the process.
 
-`hull create` and `hull exec --detach` start it as ``python -m hull.runtime.shim
---ready-fd R --request-fd Q ID`` and write what it serves, as one JSON object, to the
+`hull create` and `hull exec --detach` start it (:func:`command`) with ``--ready-fd R
+--request-fd Q ID`` and write what it serves, as one JSON object, to the
 request pipe (:func:`request_json`); it answers "ok" or its error line on the ready pipe.
 A foreground `hull exec` runs :func:`serve` in its own process.
 
 Lean and synchronous on purpose (hull.proxy.blocking): a shim lives as long as its
 container process, and every module it imports stays in its memory — no asyncio, no CLI,
-no runtime state classes (docs/performance.md, host memory).
+no runtime state classes, no `logging` (hull.logline), no `json` (hull.agentapi.wirejson);
+started without `site` (:func:`command`) (docs/performance.md, host memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import select
 import signal
 import sys
 import threading
 
-from hull.agentapi import schema
+from hull.agentapi import schema, wirejson
 from hull.errors import HullError
-from hull.logids import setup_logging
+from hull.logline import LineLog
 from hull.proxy.blocking import READ_CHUNK, BlockingChannel, Output
 from hull.runtime import console
 from hull.runtime.proxysock import SOCKET_NAME, connect_unix, report
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from hull.runtime.proxysock import PathLike
 
-log = logging.getLogger("hull.shim")
 #: How long create_container / exec_process may take in the guest (without hooks).
 CREATE_TIMEOUT = 120.0
 #: Exit status when the VM or the proxy died under the process (like a SIGKILL).
@@ -76,18 +75,30 @@ class HostStdio:
         self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
 
 
+def command(python: str, *args: str) -> list[str]:
+    """The argv of a shim process: ``python -S`` (no `site`: its imports, and the
+    installation's path hooks, would stay in every shim's memory) with the directory
+    this installation of Hull is imported from as the only addition to sys.path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {root!r}); from hull.runtime.shim import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return [python, "-S", "-c", code, *args]
+
+
 def request_json(state_dir: PathLike, container_id: str, exec_id: str, payload: dict[str, Any],
                  console_socket: str | None, terminal: bool, log_path: str | None,
                  log_format: str, debug: bool) -> bytes:
     """What `hull create` / `hull exec -d` write to a shim's request pipe."""
-    return json.dumps({
+    return wirejson.dumps({
         "state_dir": os.fspath(state_dir), "id": container_id, "exec_id": exec_id,
         "payload": payload, "console_socket": console_socket, "terminal": terminal,
-        "log": {"path": log_path, "format": log_format, "debug": debug}}).encode()
+        "log": {"path": log_path, "format": log_format, "debug": debug}})
 
 
-def serve(req: ShimRequest, ready: int | None) -> int:
-    """Run the shim; ``ready`` is a pipe fd that gets "ok" or the error line."""
+def serve(req: ShimRequest, ready: int | None, log_error: Callable[[str], None]) -> int:
+    """Run the shim; ``ready`` is a pipe fd that gets "ok" or the error line;
+    ``log_error`` writes a line to the log (the process's own: logging's in `hull
+    exec`, a :class:`LineLog` in a shim process)."""
     cid = req.container_id
     payload = req.payload
     if not req.exec_id:
@@ -145,7 +156,7 @@ def serve(req: ShimRequest, ready: int | None) -> int:
         threading.Thread(target=_pump_input, args=(channel, host.stdin, stdin),
                          name="stdin", daemon=True).start()
     try:
-        return _relay(req, channel, host, exited)
+        return _relay(req, channel, host, exited, log_error)
     finally:
         channel.close()
 
@@ -195,7 +206,7 @@ def _pump_input(channel: BlockingChannel, fd: int, stream: int) -> None:
 
 
 def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
-           exited: list[schema.ProcessExit]) -> int:
+           exited: list[schema.ProcessExit], log_error: Callable[[str], None]) -> int:
     cid, exec_id = req.container_id, req.exec_id
 
     def resize() -> None:
@@ -238,7 +249,7 @@ def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
         os.close(wake_r)
         os.close(wake_w)
     if not exited:
-        log.error("container %s: lost its process: %s", cid, channel.failure)
+        log_error(f"container {cid}: lost its process: {channel.failure}")
         return LOST
     channel.drain()  # all of the process's output, written
     return exited[0].status
@@ -258,16 +269,17 @@ def _with_console_size(payload: dict[str, Any], exec_id: str, size: tuple[int, i
 
 
 def main(argv: list[str]) -> int:
-    """``--ready-fd R --request-fd Q ID``, as `hull create` and `hull exec -d` start us."""
+    """``--ready-fd R --request-fd Q ID``, as `hull create` and `hull exec -d` start us
+    (:func:`command`)."""
     if len(argv) != 5 or argv[0] != "--ready-fd" or argv[2] != "--request-fd" or not (
             argv[1].isdigit() and argv[3].isdigit()):
-        print("usage: python -m hull.runtime.shim --ready-fd R --request-fd Q ID "
+        print("usage: hull.runtime.shim --ready-fd R --request-fd Q ID "
               "(started by hull, not by people)", file=sys.stderr)
         return 2
     ready = int(argv[1])
     try:
         with os.fdopen(int(argv[3]), "rb") as pipe:
-            request = json.loads(pipe.read())
+            request: Any = wirejson.loads(pipe.read())
         settings = request["log"]
         req = ShimRequest(request["state_dir"], request["id"], request["exec_id"],
                           request["payload"], request["console_socket"],
@@ -276,11 +288,16 @@ def main(argv: list[str]) -> int:
         report(ready, f"shim of container {argv[4]}: bad request: {exc}")
         return 1
     # stderr is the container's: the shim must never write its own messages there.
-    setup_logging(settings["path"] or os.path.join(req.state_dir, "shim.log"), settings["format"],
-                  bool(settings["debug"]), container_id=req.container_id)
+    path = settings["path"] or os.path.join(req.state_dir, "shim.log")
+    log = LineLog(path, settings["format"], bool(settings["debug"]), req.container_id)
+    if not req.exec_id and req.payload.get("spec", {}).get("hooks"):
+        from hull.logids import setup_logging  # hull.runtime.hooks logs through logging
+
+        setup_logging(path, settings["format"], bool(settings["debug"]),
+                      container_id=req.container_id)
     if not req.console_socket:
         os.setsid()  # out of the caller's process group: signals reach us only as sent
-    return serve(req, ready)
+    return serve(req, ready, log.error)
 
 
 if __name__ == "__main__":
