@@ -101,10 +101,12 @@ def batch(env: CriEnv, handler: str, n: int, via: str = "cri") -> dict[str, floa
     start_one, remove_one = (start_pod, remove_pod) if via == "cri" else (run_task,
                                                                           remove_task)
     with ThreadPoolExecutor(n) as pool:
+        before = all_ticks()
         start, busy = time.perf_counter(), busy_seconds()
         results = list(pool.map(lambda i: start_one(env, handler, i), range(n)))
         wall = time.perf_counter() - start
         cpu = busy_seconds() - busy
+        during = burst_ticks(before, all_ticks())
     time.sleep(3)  # let the guests and shims settle before measuring memory
     trees = shim_trees(env)
     pids = [p for tree in trees.values() for p in tree] + leased_qemus(env)
@@ -123,7 +125,27 @@ def batch(env: CriEnv, handler: str, n: int, via: str = "cri") -> dict[str, floa
     return {"wall": wall, "median": statistics.median(r[1] for r in results), "cpu": cpu / n,
             "pss_mib": total / n / 1024, "shims": len(trees), "removal": removal,
             **{f"pss_{k}_mib": v / n / 1024 for k, v in sorted(kinds.items())},
-            **{f"cpu_{k}_s": v / n / hz for k, v in sorted(ticks.items())}}
+            **{f"cpu_{k}_s": v / n / hz for k, v in sorted(ticks.items())},
+            **{f"burst_{k}_s": v / n / hz for k, v in during.items()}}
+
+
+def all_ticks() -> dict[int, int]:
+    """CPU ticks (user + system) of every process now."""
+    return {int(e): cpu_ticks(int(e)) for e in os.listdir("/proc") if e.isdigit()}
+
+
+def burst_ticks(before: dict[int, int], after: dict[int, int]) -> dict[str, int]:
+    """CPU ticks each kind of process (hull.describe; "(new)": started in between, e.g.
+    the pool's refill) spent between the snapshots, over the whole host, most first:
+    processes that started and ended in between are not seen (the whole host's busy time
+    counts them)."""
+    kinds: dict[str, int] = {}
+    for pid, ticks in after.items():
+        spent = ticks - before.get(pid, 0)
+        if spent > 0:
+            kind = describe(pid) + ("" if pid in before else " (new)")
+            kinds[kind] = kinds.get(kind, 0) + spent
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -179,6 +201,13 @@ def main() -> None:
         if result is not None:
             print(f"- {name}: " + ", ".join(f"{k[4:-2]} {v:.2f}" for k, v in result.items()
                                             if k.startswith("cpu_") and k.endswith("_s")))
+    print("\nCPU during the start of the pods, per pod, by kind of process over the whole "
+          "host (s; the busiest first, those above 5 ms):")
+    for name, result in (("hull", hull), ("runc", runc)):
+        if result is not None:
+            print(f"- {name}: " + ", ".join(
+                f"{k[6:-2]} {v:.3f}" for k, v in result.items()
+                if k.startswith("burst_") and v >= 0.005))
     if args.via != "cri":
         return
     print(f"\nWhere a Hull pod's start went ({n} pods at once; medians over the pods):\n")
