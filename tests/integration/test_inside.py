@@ -145,6 +145,32 @@ def test_qemu_can_run_as_an_unprivileged_user(tmp_path: Path, rootfs_template: P
         shutil.rmtree(public, ignore_errors=True)
 
 
+def test_qemu_runs_without_transparent_huge_pages_unless_configured(
+        tmp_path: Path, bundle: BundleFactory, state_root: Path, guest_assets_ready: None
+) -> None:
+    """hypervisor.transparent_huge_pages: off by default (QEMU gets PR_SET_THP_DISABLE
+    before exec: THP_enabled 0 in its status); on, QEMU may use them again."""
+    import subprocess
+
+    from tests.integration.conftest import HULL
+
+    b = bundle(["sh", "-c", "echo ran; sleep 2"])
+    for value in ("false", "true"):
+        config = tmp_path / f"thp-{value}.toml"
+        config.write_text(f"[hypervisor]\ntransparent_huge_pages = {value}\n")
+        cid = f"thp-{value}"
+        proc = subprocess.Popen([*HULL, "--config", str(config), "--root", str(state_root),
+                                 "run", "-b", str(b), cid],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ran\n"
+        qemu = subprocess.run(["pgrep", "-f", f"hull-{cid},debug-threads"],
+                              capture_output=True, text=True, check=True).stdout.split()[0]
+        status = Path(f"/proc/{qemu}/status").read_text()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert f"THP_enabled:\t{1 if value == 'true' else 0}\n" in status
+
+
 def test_sysctl_and_devices(hull: Runner, bundle: BundleFactory) -> None:
     """linux.sysctl is written in the container's namespaces; linux.devices are created."""
     def settings(spec: dict[str, Any]) -> None:

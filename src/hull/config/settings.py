@@ -46,6 +46,9 @@ class HypervisorConfig:
     boot_timeout: float = 30.0
     sandbox: bool = True
     run_as: str = ""
+    #: let QEMU's memory use transparent huge pages (False: PR_SET_THP_DISABLE before
+    #: exec; docs/performance.md, host memory)
+    transparent_huge_pages: bool = False
     #: the agent channel: "auto" (vsock when /dev/vhost-vsock opens, else virtio-serial),
     #: "virtio-serial" or "vsock" (hull.hypervisor.vsock)
     channel: str = "auto"

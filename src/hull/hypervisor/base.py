@@ -71,6 +71,8 @@ class VMConfig:
     netns_fd: int = -1
     #: (uid, gid) QEMU drops to before exec (configuration hypervisor.run_as), or None.
     run_as: tuple[int, int] | None = None
+    #: False: QEMU runs with transparent huge pages disabled (PR_SET_THP_DISABLE)
+    transparent_huge_pages: bool = False
     #: guest RAM in this file (a VM template's, on tmpfs) instead of anonymous memory;
     #: ``memory_shared``: map it shared (the template writes it) or private
     #: (copy-on-write: a clone). None: anonymous memory.

@@ -213,7 +213,8 @@ class Sandbox:
                 *(("hull.debug_console=1",) if hv.debug_console else ())),
             shares=self.shares, sandbox=hv.sandbox, tsc_khz=host_tsc_khz(),
             run_as=run_as_ids(hv.run_as), channel=vsock.choose(hv.channel),
-            nics=self.nics(), netns_fd=self.attachment.netns_fd if self.attachment else -1)
+            transparent_huge_pages=hv.transparent_huge_pages, nics=self.nics(),
+            netns_fd=self.attachment.netns_fd if self.attachment else -1)
 
     def memory_mib(self) -> int:
         """The VM's memory: the configured size, rounded up to a template size class

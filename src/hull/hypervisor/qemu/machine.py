@@ -30,13 +30,18 @@ from hull.hypervisor.qemu import argv as qemu_argv
 
 log = logging.getLogger("hull.qemu")
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE = 41
 CLONE_NEWNET = 0x40000000
 
 
-def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None) -> Callable[[], None]:
-    """The child's setup before exec: die with the parent, enter the network namespace,
-    drop to an unprivileged user (QEMU's own -runas cannot work under its seccomp
-    sandbox, which forbids set*id calls, so the privileges go before exec).
+def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None,
+             huge_pages: bool = True) -> Callable[[], None]:
+    """The child's setup before exec: die with the parent, keep transparent huge pages
+    away unless ``huge_pages`` (the flag survives exec; QEMU asks for them with
+    MADV_HUGEPAGE on its translated code and RAM blocks, and a 2 MiB page then backs a
+    few KiB it touched), enter the network namespace, drop to an unprivileged user
+    (QEMU's own -runas cannot work under its seccomp sandbox, which forbids set*id
+    calls, so the privileges go before exec).
 
     The agent and QMP socketpairs were made before, in the parent's namespace: unix
     sockets keep working across network namespaces, and so do the inherited tap fds.
@@ -44,6 +49,8 @@ def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None) -> Callable[[
     def child() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if not huge_pages:
+            libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)  # fails only before Linux 3.15
         if netns_fd >= 0 and libc.setns(netns_fd, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "setns to the container's network namespace")
         if run_as is not None:
@@ -113,7 +120,8 @@ class QemuVM(Hypervisor):
                                              fds.vhost_vsock, self.config.incoming_fd,
                                              *(nic.tap_fd for nic in self.config.nics))
                                if fd >= 0),
-                preexec_fn=_preexec(self.config.netns_fd, self.config.run_as),
+                preexec_fn=_preexec(self.config.netns_fd, self.config.run_as,
+                                    self.config.transparent_huge_pages),
                 start_new_session=True)
         except OSError as exc:
             self._close_sockets()
