@@ -79,7 +79,9 @@ def templated(tmp_path: Path, hull: Runner) -> Iterator[Path]:
 
 def only_template(config: Path) -> Path:
     template_dir = Path(config.read_text().split('template_dir = "')[1].split('"')[0])
-    (found,) = [p for p in template_dir.iterdir() if not p.name.startswith(".")]
+    # Not the daemon's sockets (pool.sock, forkserver.sock) beside the template.
+    (found,) = [p for p in template_dir.iterdir() if not p.name.startswith(".")
+                and p.is_dir()]
     return found
 
 

@@ -154,3 +154,48 @@ def test_pod_layout_without_a_pooled_clone(hull: Runner, bundle: BundleFactory, 
     text = log.read_text()  # --log: the notices go there
     assert COLD.decode() in text and "took the pooled clone" not in text, text
     wait_pool(hull, pooled, idle=1, leased=0)
+
+
+def test_fork_server_without_a_pool(hull: Runner, bundle: BundleFactory, tmp_path: Path,
+                                    state_root: Path) -> None:
+    """factory.fork_server with pool_size 0: `hull factory init` starts the daemon for
+    its fork server alone, which forks `hull create`'s proxy; the clone is the sandbox's
+    own. With fork_server off there is no daemon and the proxy is `hull create`'s child.
+    destroy leaves nothing (test_factory.factory_dir)."""
+    from tests.integration.test_factory import factory_config, factory_dir
+
+    become_subreaper()
+    cli = Cli(state_root, tmp_path)
+    b = bundle(["sleep", "30"])
+    template_dir = Path("/dev/shm") / f"hull-test-{uuid.uuid4().hex[:12]}"
+    try:
+        for forked in (True, False):
+            config = factory_config(tmp_path / f"fs-{forked}.toml", template_dir,
+                                    f"fork_server = {str(forked).lower()}\n")
+            with factory_dir(hull, config):
+                done = hull("--config", str(config), "factory", "init")
+                assert done.returncode == 0, done.stderr
+                assert (b"pool daemon started" in done.stdout) == forked, done.stdout
+                status = hull("--config", str(config), "factory", "status")
+                daemon = pool_status(hull, config)
+                cid = f"fs{int(forked)}"
+                with cleanup(cli, cid):
+                    done, _, err = cli.create(cid, b, extra=("--config", str(config)))
+                    assert done.returncode == 0, err.read_text()
+                    assert own_qemu(cid), "no clone of its own"
+                    proxy = json.loads((state_root / cid / "state.json").read_text()
+                                       )["proxy_pid"]
+                    if forked:
+                        assert daemon is not None and daemon["size"] == 0
+                        assert b"pool: none (factory.pool_size is 0); daemon pid" in (
+                            status.stdout)
+                        assert parent(parent(proxy)) == daemon["pid"]
+                        comm = Path(f"/proc/{proxy}/comm").read_text().strip()
+                        assert comm == "hull-proxy"
+                    else:
+                        assert daemon is None and b"pool:" not in status.stdout
+                        assert Path(f"/proc/{proxy}/comm").read_text().strip() != (
+                            "hull-proxy")
+                    assert cli("delete", "--force", cid).returncode == 0
+    finally:
+        reap_all()

@@ -48,10 +48,11 @@ def _init(ctx: Context, args: argparse.Namespace) -> int:
           f"state {template.state.stat().st_size} bytes, RAM {m['ram_size'] >> 20} MiB")
     if not ctx.config.factory.enabled:
         print("note: factory.enabled is false in the configuration: sandboxes boot cold")
-    elif args.lock_fd < 0 and ctx.config.factory.pool_size:
+    elif args.lock_fd < 0:
         from hull.runtime import pool
 
-        print(pool.ensure(ctx.config))
+        if pool.wanted(ctx.config):
+            print(pool.ensure(ctx.config))
     return 0
 
 
@@ -76,7 +77,10 @@ def _status(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     print(f"factory: {'enabled' if ctx.config.factory.enabled else 'disabled'}; "
           f"template dir {factory.root(ctx.config)}; current key {current}")
-    if pooled is not None:
+    if pooled is not None and not pooled["size"]:
+        print(f"pool: none (factory.pool_size is 0); daemon pid {pooled['pid']} for the "
+              "fork server")
+    elif pooled is not None:
         print(f"pool: daemon pid {pooled['pid']}, {pooled['idle']} of {pooled['size']} "
               f"clone(s) ready, {pooled['leased']} leased"
               + (f"; last error: {pooled['error']}" if pooled["error"] else ""))
@@ -106,6 +110,6 @@ def _pool(ctx: Context, args: argparse.Namespace) -> int:
 
     # Before the daemon's event loop exists: the fork server forks the CLI sandboxes'
     # proxies (hull.runtime.forkserver), which then share their imports.
-    server = forkserver.start(factory.root(ctx.config) / forkserver.SOCKET, forked_proxy,
-                              preload_proxy)
+    server = (forkserver.start(factory.root(ctx.config) / forkserver.SOCKET, forked_proxy,
+                               preload_proxy) if ctx.config.factory.fork_server else None)
     return pool.serve(ctx.config, args.lock_fd, server)

@@ -114,6 +114,9 @@ class FactoryConfig:
     #: Clones of the default-size template restored ahead of demand by a pool daemon
     #: (hull.runtime.pool); 0: none, every sandbox restores its own clone.
     pool_size: int = 0
+    #: The factory's daemon (the pool daemon, with no clones when pool_size is 0) keeps
+    #: a fork server for the proxies of CLI sandboxes (hull.runtime.forkserver).
+    fork_server: bool = True
     #: Seconds a clone may take to restore before Hull gives up and boots cold.
     restore_timeout: float = 10.0
     #: A sandbox that finds no usable template for its key (none, stale, corrupt) boots

@@ -1,4 +1,5 @@
-"""A fork server for sandbox proxies, kept by the pool daemon (factory.pool_size > 0).
+"""A fork server for sandbox proxies, kept by the factory's daemon (hull.runtime.pool;
+factory.fork_server, with or without a pool).
 
 A `hull proxy` lives as long as its sandbox and is mostly its imports (asyncio, QMP, the
 runtime): ~15 MiB of private memory in each, and ~0.15 s of CPU to import them at every

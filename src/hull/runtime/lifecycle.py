@@ -124,7 +124,7 @@ class Runtime:
         error) on a pipe."""
         argv = [*self.helper, verb[0], "--ready-fd", "{ready}", *verb[1:]]
         server = None
-        if daemon and self.config.factory.enabled and self.config.factory.pool_size:
+        if daemon and self.config.factory.enabled and self.config.factory.fork_server:
             from hull.runtime import factory, forkserver
 
             server = factory.root(self.config) / forkserver.SOCKET

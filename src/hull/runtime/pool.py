@@ -3,7 +3,10 @@ restoring its own, so QEMU's start and the restore are off its path.
 
 Who owns what. One pool daemon per template directory (``hull factory pool``, started
 detached by ``hull factory init`` or by the first sandbox that finds none; the flock on
-``<template_dir>/.pool.lock``, held for its whole life, keeps it single). The daemon is
+``<template_dir>/.pool.lock``, held for its whole life, keeps it single). With
+factory.fork_server it also keeps the fork server of the CLI sandboxes' proxies
+(hull.runtime.forkserver), and then runs even when pool_size is 0: without clones,
+from `hull factory init` to `hull factory destroy`, for the fork server alone. The daemon is
 the parent of every pooled QEMU (which dies with it: PR_SET_PDEATHSIG, as any QemuVM)
 and stays so after a hand-over: a sandbox *leases* a clone over ``pool.sock``. It gets
 the clone's agent socket (SCM_RIGHTS: the daemon keeps no copy, the channel is the
@@ -414,10 +417,16 @@ def serve(config: Config, lock_fd: int, forkserver: int | None = None) -> int:
 # ---------------------------------------------------------------------------- clients
 
 
+def wanted(config: Config) -> bool:
+    """Whether the factory keeps a daemon: for a pool, or for its fork server alone."""
+    return config.factory.enabled and bool(config.factory.pool_size
+                                           or config.factory.fork_server)
+
+
 def ensure(config: Config) -> str:
     """Start the pool daemon unless it runs (or the pool is off); what happened."""
-    if not (config.factory.enabled and config.factory.pool_size):
-        return "no pool (factory.pool_size is 0)"
+    if not wanted(config):
+        return "no pool (factory.pool_size is 0, factory.fork_server is off)"
     from hull.runtime.rebuild import start_detached
 
     if not start_detached(config, factory.root(config) / LOCK, "pool"):
