@@ -32,7 +32,9 @@ PROXY_MODULES = ("asyncio", "hull.config.annotations", "hull.network.host",
                  "hull.runtime.proxyd", "hull.runtime.sizing", "hull.runtime.layout",
                  "hull.runtime.lifecycle", "hull.proxy.router", "hull.runtime.sandboxinfo",
                  "hull.runtime.sandbox", "hull.runtime.pool", "hull.runtime.factory",
-                 "hull.hypervisor.qemu.machine", "hull.cli.helpers")
+                 "hull.hypervisor.qemu.machine", "hull.cli.helpers",
+                 # imported at run time: the spec check (hull.oci.bundle), to_thread
+                 "hull.agent.spec", "hull.agent.cgroup", "concurrent.futures.thread")
 
 
 def preload_proxy() -> None:
