@@ -176,8 +176,13 @@ def test_fork_server_without_a_pool(hull: Runner, bundle: BundleFactory, tmp_pat
                 done = hull("--config", str(config), "factory", "init")
                 assert done.returncode == 0, done.stderr
                 assert (b"pool daemon started" in done.stdout) == forked, done.stdout
-                status = hull("--config", str(config), "factory", "status")
+                deadline = time.monotonic() + 30  # the daemon starts detached
+                while forked and ((daemon := pool_status(hull, config)) is None or not (
+                        template_dir / "forkserver.sock").exists()):
+                    assert time.monotonic() < deadline, "no daemon for the fork server"
+                    time.sleep(0.2)
                 daemon = pool_status(hull, config)
+                status = hull("--config", str(config), "factory", "status")
                 cid = f"fs{int(forked)}"
                 with cleanup(cli, cid):
                     done, _, err = cli.create(cid, b, extra=("--config", str(config)))
