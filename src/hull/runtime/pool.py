@@ -204,23 +204,29 @@ class Daemon:
 
     async def _fill(self) -> None:
         while True:
-            try:
-                key = factory.key_id(factory.current_key(self.config))
-                for slot in [s for s in self.idle if s.key != key]:
-                    self.idle.remove(slot)  # made from a template that is not current
-                    await self._discard(slot)
-                while (len(self.idle) < self.config.factory.pool_size
-                       and time.monotonic() - self.last_take >= REFILL_QUIET):
-                    self.idle.append(await self._restore(key))
-                self.last_error = ""
-            except (HullError, factory.Unusable, OSError) as exc:
-                if str(exc) != self.last_error:
-                    log.warning("pool: cannot restore a clone: %s", exc)
-                self.last_error = str(exc)
+            if self.config.factory.pool_size:  # else the daemon is the fork server's only
+                await self._refill()
             self._reap_forkserver()
             # Soon again when only the quiet time held a refill back (never after a failure).
             waiting = len(self.idle) < self.config.factory.pool_size and not self.last_error
             await asyncio.sleep(REFILL_QUIET / 2 if waiting else CHECK_EVERY)
+
+    async def _refill(self) -> None:
+        """Drop clones of a template that is no longer current; restore up to pool_size
+        (once no take came for REFILL_QUIET)."""
+        try:
+            key = factory.key_id(factory.current_key(self.config))
+            for slot in [s for s in self.idle if s.key != key]:
+                self.idle.remove(slot)  # made from a template that is not current
+                await self._discard(slot)
+            while (len(self.idle) < self.config.factory.pool_size
+                   and time.monotonic() - self.last_take >= REFILL_QUIET):
+                self.idle.append(await self._restore(key))
+            self.last_error = ""
+        except (HullError, factory.Unusable, OSError) as exc:
+            if str(exc) != self.last_error:
+                log.warning("pool: cannot restore a clone: %s", exc)
+            self.last_error = str(exc)
 
     def _reap_forkserver(self) -> None:
         """Reap the fork server if it died (killed: no proxy is forked any more, `hull
