@@ -36,22 +36,16 @@ def text_line(level: str, created: float, msg: str, container_id: str | None) ->
 
 
 class LineLog:
-    """Appends whole lines to a log file (--log, or the container's shim.log); a write
-    that fails is dropped (there is nowhere else to say so: stderr is the container's)."""
+    """Appends whole error lines to a log file (--log, or the container's shim.log); a
+    write that fails is dropped (there is nowhere else to say so: stderr is the
+    container's)."""
 
-    def __init__(self, path: str, log_format: str, debug: bool, container_id: str) -> None:
-        self.path, self.debug_on, self.container_id = path, debug, container_id
+    def __init__(self, path: str, log_format: str, container_id: str) -> None:
+        self.path, self.container_id = path, container_id
         self.format = json_line if log_format == "json" else text_line
 
     def error(self, msg: str) -> None:
-        self._write("error", msg)
-
-    def debug(self, msg: str) -> None:
-        if self.debug_on:
-            self._write("debug", msg)
-
-    def _write(self, level: str, msg: str) -> None:
-        line = (self.format(level, time.time(), msg, self.container_id) + "\n").encode()
+        line = (self.format("error", time.time(), msg, self.container_id) + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          0o644)

@@ -226,9 +226,7 @@ def test_a_shim_logs_without_logging_in_hulls_formats(tmp_path: Path) -> None:
                                None)
     record.container_id = "c1"
     for fmt, formatter in (("json", JsonFormatter()), ("text", TextFormatter())):
-        log = LineLog(str(tmp_path / f"{fmt}.log"), fmt, False, "c1")
-        log.debug("not written without --debug")
-        log.error("lost it")
+        LineLog(str(tmp_path / f"{fmt}.log"), fmt, "c1").error("lost it")
         (line,) = (tmp_path / f"{fmt}.log").read_text().splitlines()
         expected = formatter.format(record)
         if fmt == "json":  # the same fields; the time is the line's own
@@ -237,7 +235,7 @@ def test_a_shim_logs_without_logging_in_hulls_formats(tmp_path: Path) -> None:
             assert got == want == {"level": "error", "msg": "lost it", "id": "c1"}
         else:
             assert line.split(" ", 2)[2] == expected.split(" ", 2)[2] == "ERROR [c1] lost it"
-    LineLog(str(tmp_path / "missing-dir" / "x.log"), "text", True, "c1").error("dropped")
+    LineLog(str(tmp_path / "missing-dir" / "x.log"), "text", "c1").error("dropped")
 
 
 def test_a_shim_refuses_a_bad_request_in_one_line(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ detached by ``hull factory init`` or by the first sandbox that finds none; the f
 ``<template_dir>/.pool.lock``, held for its whole life, keeps it single). With
 factory.fork_server it also keeps the fork server of the CLI sandboxes' proxies
 (hull.runtime.forkserver), and then runs even when pool_size is 0: without clones,
-from `hull factory init` to `hull factory destroy`, for the fork server alone. The daemon is
-the parent of every pooled QEMU (which dies with it: PR_SET_PDEATHSIG, as any QemuVM)
+from `hull factory init` to `hull factory destroy`, for the fork server alone.
+
+The daemon is the parent of every pooled QEMU (which dies with it: PR_SET_PDEATHSIG, as any QemuVM)
 and stays so after a hand-over: a sandbox *leases* a clone over ``pool.sock``. It gets
 the clone's agent socket (SCM_RIGHTS: the daemon keeps no copy, the channel is the
 lessee's alone) and the clone's share directory, and keeps the connection open: the

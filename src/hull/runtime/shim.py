@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
         return 1
     # stderr is the container's: the shim must never write its own messages there.
     path = settings["path"] or os.path.join(req.state_dir, "shim.log")
-    log = LineLog(path, settings["format"], bool(settings["debug"]), req.container_id)
+    log = LineLog(path, settings["format"], req.container_id)
     if not req.exec_id and req.payload.get("spec", {}).get("hooks"):
         from hull.logids import setup_logging  # hull.runtime.hooks logs through logging
 

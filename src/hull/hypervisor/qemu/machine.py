@@ -34,13 +34,12 @@ PR_SET_THP_DISABLE = 41
 CLONE_NEWNET = 0x40000000
 
 
-def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None,
-             huge_pages: bool = True) -> Callable[[], None]:
+def _preexec(config: VMConfig) -> Callable[[], None]:
     """The child's setup before exec: die with the parent, keep transparent huge pages
-    away unless ``huge_pages`` (the flag survives exec; QEMU asks for them with
-    MADV_HUGEPAGE on its translated code and RAM blocks, and a 2 MiB page then backs a
-    few KiB it touched), enter the network namespace, drop to an unprivileged user
-    (QEMU's own -runas cannot work under its seccomp sandbox, which forbids set*id
+    away unless ``config.transparent_huge_pages`` (the flag survives exec; QEMU asks for
+    them with MADV_HUGEPAGE on its translated code and RAM blocks, and a 2 MiB page then
+    backs a few KiB it touched), enter the network namespace, drop to an unprivileged
+    user (QEMU's own -runas cannot work under its seccomp sandbox, which forbids set*id
     calls, so the privileges go before exec).
 
     The agent and QMP socketpairs were made before, in the parent's namespace: unix
@@ -49,12 +48,12 @@ def _preexec(netns_fd: int, run_as: tuple[int, int] | None = None,
     def child() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if not huge_pages:
+        if not config.transparent_huge_pages:
             libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)  # fails only before Linux 3.15
-        if netns_fd >= 0 and libc.setns(netns_fd, CLONE_NEWNET) != 0:
+        if config.netns_fd >= 0 and libc.setns(config.netns_fd, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "setns to the container's network namespace")
-        if run_as is not None:
-            uid, gid = run_as
+        if config.run_as is not None:
+            uid, gid = config.run_as
             os.setgroups([gid])
             os.setgid(gid)
             os.setuid(uid)
@@ -120,8 +119,7 @@ class QemuVM(Hypervisor):
                                              fds.vhost_vsock, self.config.incoming_fd,
                                              *(nic.tap_fd for nic in self.config.nics))
                                if fd >= 0),
-                preexec_fn=_preexec(self.config.netns_fd, self.config.run_as,
-                                    self.config.transparent_huge_pages),
+                preexec_fn=_preexec(self.config),
                 start_new_session=True)
         except OSError as exc:
             self._close_sockets()
