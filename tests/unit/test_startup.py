@@ -5,18 +5,22 @@ See docs/performance.md for the measurements behind each of these.
 
 from __future__ import annotations
 
+import copy
+import enum
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import hull
-from hull.agentapi import records, schema, wirejson
+from hull.agentapi import enums, framing, records, schema, wirejson
 from hull.cli import main as cli_main
 from hull.runtime import shim
 from hull.runtime.sandbox import BootProfile, Timeline
@@ -70,6 +74,78 @@ def test_records_behave_like_frozen_dataclasses() -> None:
     with pytest.raises(TypeError, match="takes 3 arguments"):
         Point(1, 2, [], 4)  # type: ignore[call-arg]
     assert not hasattr(p, "__dict__") and Point.__match_args__ == ("x", "y", "tags")
+
+
+# ---------------------------------------------------------------------------- enums
+
+
+class LeanColour(enums.StrEnum):  # type: ignore[misc]
+    RED = "red"
+    BLUE = "blue"
+
+
+class RealColour(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class LeanLevel(enums.IntEnum):  # type: ignore[misc]
+    LOW = 1
+    HIGH = 7
+
+
+class RealLevel(enum.IntEnum):
+    LOW = 1
+    HIGH = 7
+
+
+@pytest.mark.parametrize("lean, real", [(LeanColour, RealColour), (LeanLevel, RealLevel)])
+def test_lean_enums_behave_like_the_real_ones(lean: Any, real: Any) -> None:
+    """hull.agentapi.enums against enum, on everything Hull does with its enums."""
+    def same(fn: Any) -> None:
+        got, want = fn(lean), fn(real)
+        assert got == want.replace(real.__name__, lean.__name__) if isinstance(want, str) \
+            else got == want
+
+    for name in lean.__members__:
+        same(lambda cls, n=name: repr(cls[n]))
+        same(lambda cls, n=name: (str(cls[n]), f"{cls[n]}|{cls[n]:>6}", cls[n].name))
+        same(lambda cls, n=name: (cls[n].value, type(cls[n].value), hash(cls[n])))
+        same(lambda cls, n=name: (cls[n] == cls[n].value, json.dumps(cls[n])))
+        member = lean[name]
+        assert lean(member.value) is member and getattr(lean, name) is member
+        assert copy.deepcopy(member) is member and pickle.loads(pickle.dumps(member)) is member
+        assert isinstance(member, lean) and member in lean
+        assert {member.value: 1}[member] == 1  # hashes and compares as its value
+    same(lambda cls: ([m.name for m in cls], len(cls), list(cls.__members__)))
+    same(lambda cls: sorted(cls) == sorted(m.value for m in cls))
+    for bad in ("green", 3, None, ["red"]):
+        with pytest.raises(ValueError, match="is not a valid"):
+            lean(bad)
+    with pytest.raises(KeyError):
+        lean["GREEN"]
+
+
+def test_lean_enums_refuse_what_they_do_not_support() -> None:
+    with pytest.raises(TypeError, match="no aliases"):
+        class Alias(enums.StrEnum):  # type: ignore[misc]
+            A = "a"
+            B = "a"
+    with pytest.raises(TypeError, match="cannot extend"):
+        class More(LeanColour):
+            GREEN = "green"
+
+
+def test_protocol_enums_are_the_lean_ones_at_run_time() -> None:
+    """The guest agent and every shim decode frames and messages with them."""
+    assert isinstance(schema.Method.HELLO, enums.StrEnum)
+    assert isinstance(framing.Kind.DATA, enums.IntEnum)
+    assert framing.Kind(4) is framing.Kind.DATA and schema.Method("hello") is schema.Method.HELLO
+    match framing.Kind(5):
+        case framing.Kind.CLOSE:
+            pass
+        case _:
+            pytest.fail("a member does not match itself")
 
 
 def test_schema_payloads_keep_their_dataclass_api() -> None:
@@ -182,8 +258,9 @@ def test_every_verb_is_in_the_registry_of_its_module() -> None:
 
 def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
     """A shim lives as long as its container process: no asyncio (nor its TLS), no CLI,
-    no VM side, no host networking, no logging, json or re, no site in its memory
-    (docs/performance.md, host memory)."""
+    no VM side, no host networking, no logging, json or re, no site, and nothing that
+    brings functools and collections (enum, threading, socket, signal, contextlib,
+    queue) in its memory (docs/performance.md, host memory)."""
     (tmp_path / "c1").mkdir()
     request = shim.request_json(tmp_path / "c1", "c1", "e1", {"process": {}}, None, False,
                                 None, "text", False)
@@ -198,7 +275,9 @@ def test_a_shim_keeps_only_the_modules_it_needs(tmp_path: Path) -> None:
             "print(sorted(m for m in ('asyncio', 'ssl', '_ssl', 'argparse', 'dataclasses',"
             " 'hull.cli.main', 'hull.runtime.state', 'hull.network.host',"
             " 'hull.runtime.sandbox', 'qemu.qmp', 'hull.hypervisor.qemu.machine',"
-            " 'hull.proxy.channel', 'logging', 'json', 're', 'site', 'typing')"
+            " 'hull.proxy.channel', 'logging', 'json', 're', 'site', 'typing', 'enum',"
+            " 'threading', 'socket', 'signal', 'contextlib', 'queue', 'functools',"
+            " 'collections', 'hull.runtime.console')"
             " if sys.modules.get(m)))\n")
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path).stdout.splitlines()

@@ -19,8 +19,13 @@ nonzero reserved field is a :class:`FrameError`, after which the channel must be
 
 from __future__ import annotations
 
-import enum
 import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from enum import IntEnum
+else:  # every CLI shim imports this module: no enum (hull.agentapi.enums says why)
+    from hull.agentapi.enums import IntEnum
 
 HEADER = struct.Struct(">BBHII")
 HEADER_SIZE = HEADER.size
@@ -42,7 +47,7 @@ VSOCK_PORT = 1024
 _CREDIT = struct.Struct(">I")
 
 
-class Kind(enum.IntEnum):
+class Kind(IntEnum):
     REQUEST = 1  # control: {"id", "method", "params"}
     RESPONSE = 2  # control: {"id", "result"} or {"id", "error": {"kind", "message"}}
     EVENT = 3  # control: {"event", ...} sent by the agent unasked

@@ -16,17 +16,18 @@ untrusted (a lying guest gets :class:`SchemaError`, and the host drops the VM).
 
 from __future__ import annotations
 
-import enum
-
 from hull.agentapi import wirejson
 
 # The guest agent imports this module at every boot: no dataclasses, no typing at run time
-# (hull.agentapi.records says why). Type checkers see the real dataclasses.
+# (hull.agentapi.records says why); every CLI shim imports it: no enum (hull.agentapi.enums
+# says why). Type checkers see the real dataclasses and enums.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import asdict, dataclass, field
+    from enum import StrEnum
     from typing import Any
 else:
+    from hull.agentapi.enums import StrEnum
     from hull.agentapi.records import asdict, dataclass, field
 
 PROTOCOL_VERSION = 2  # 2: 1 MiB data chunks, 4 MiB windows (framing)
@@ -40,7 +41,7 @@ class SchemaError(ValueError):
     """A control message that does not fit the schema."""
 
 
-class Method(enum.StrEnum):
+class Method(StrEnum):
     HELLO = "hello"
     CREATE_CONTAINER = "create_container"
     START_CONTAINER = "start_container"
@@ -73,11 +74,11 @@ class Method(enum.StrEnum):
 PROXY_METHODS = frozenset({Method.PAUSE_SANDBOX, Method.RESUME_SANDBOX, Method.STOP_SANDBOX})
 
 
-class Event(enum.StrEnum):
+class Event(StrEnum):
     PROCESS_EXIT = "process_exit"
 
 
-class ErrorKind(enum.StrEnum):
+class ErrorKind(StrEnum):
     """Error classes the agent reports; the host maps them onto its own exceptions."""
 
     INVALID = "invalid"  # the request is malformed or names something that cannot work

@@ -15,18 +15,22 @@ signals and requests the reading thread sends. Frames leave whole under one lock
 The peer is untrusted, as in AgentChannel: a frame that does not decode, data beyond a
 window or on a stream never opened, a response nobody asked for, is a protocol violation:
 the channel fails and every waiter learns it.
+
+Lean: a shim keeps what it imports for its container process's whole life, and
+threading, queue, socket and contextlib would bring functools and collections along
+(~1 MiB of private memory each; docs/performance.md, host memory). So this module runs
+its threads and locks on ``_thread`` and its queues on ``_queue`` (what threading and
+queue are built on), and takes any socket object (``_socket.socket`` from a shim).
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import itertools
 import os
-import queue
 import select
-import socket
-import threading
 import time
+from _queue import SimpleQueue
 
 from hull.agentapi import framing, schema
 from hull.agentapi.framing import Frame, Kind
@@ -34,6 +38,7 @@ from hull.errors import AgentError, InvalidState, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     from collections.abc import Callable
     from typing import Any
 
@@ -64,30 +69,66 @@ class Output:
 
     def __init__(self, channel: BlockingChannel, stream: int, fd: int) -> None:
         self.channel, self.stream, self.fd = channel, stream, fd
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"stream-{stream}",
-                                        daemon=True)
-        self._thread.start()
+        self._queue: SimpleQueue[bytes | None] = SimpleQueue()
+        self._done = _thread.allocate_lock()
+        self._done.acquire()  # released when the thread ends
+        _thread.start_new_thread(self._run, ())
 
     def put(self, data: bytes | None) -> None:
         self._queue.put(data)
 
     def _run(self) -> None:
-        broken = False
-        while (data := self._queue.get()) is not None:
-            if not broken:
-                try:
-                    write_all(self.fd, data)
-                except OSError:
-                    broken = True
-            self.channel.return_credit(self.stream, len(data))
+        try:
+            broken = False
+            while (data := self._queue.get()) is not None:
+                if not broken:
+                    try:
+                        write_all(self.fd, data)
+                    except OSError:
+                        broken = True
+                self.channel.return_credit(self.stream, len(data))
+        finally:
+            self._done.release()
 
     def wait_closed(self) -> None:
-        self._thread.join()
+        with self._done:
+            pass
+
+
+class Condition:
+    """threading.Condition's wait / notify_all on ``_thread`` locks (see the module's
+    docstring): a lock to hold, and one parked lock per waiter."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._waiters: list[_thread.LockType] = []
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def wait(self) -> None:
+        """Release the lock until notify_all, then hold it again (call it holding it)."""
+        parked = _thread.allocate_lock()
+        parked.acquire()
+        self._waiters.append(parked)
+        self._lock.release()
+        try:
+            parked.acquire()
+        finally:
+            self._lock.acquire()
+
+    def notify_all(self) -> None:
+        """Wake every waiter (call it holding the lock)."""
+        waiters, self._waiters = self._waiters, []
+        for parked in waiters:
+            parked.release()
 
 
 class BlockingChannel:
-    def __init__(self, sock: socket.socket, name: str,
+    def __init__(self, sock: _socket.socket, name: str,
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.name = name
         self._sock = sock
@@ -103,9 +144,9 @@ class BlockingChannel:
         self._ignored: set[int] = set()
         self._outputs: dict[int, Output] = {}  # open ones
         self._every_output: list[Output] = []
-        self._send_lock = threading.Lock()
+        self._send_lock = _thread.allocate_lock()
         #: Guards the windows and wakes senders waiting for credit.
-        self._credit = threading.Condition()
+        self._credit = Condition()
         self.failure: str | None = None
 
     def fileno(self) -> int:
@@ -142,8 +183,10 @@ class BlockingChannel:
     def notify(self, method: schema.Method, params: dict[str, Any]) -> None:
         """Send a request without waiting; its response is dropped. Errors are ignored:
         a signal or resize for a process that is gone is no news."""
-        with contextlib.suppress(ProtocolError, OSError):
+        try:
             self._ignored.add(self._send_request(method, params))
+        except (ProtocolError, OSError):
+            pass
 
     def _send_request(self, method: schema.Method, params: dict[str, Any]) -> int:
         if self.failure:
@@ -188,15 +231,19 @@ class BlockingChannel:
     def close_input(self, stream: int) -> None:
         with self._credit:
             self._send.close(stream)
-        with contextlib.suppress(ProtocolError, OSError):
+        try:
             self._write(Frame(Kind.CLOSE, stream))
+        except (ProtocolError, OSError):
+            pass
 
     def return_credit(self, stream: int, count: int) -> None:
         with self._credit:
             due = self._recv.consumed(stream, count)
         if due and not self.failure:
-            with contextlib.suppress(ProtocolError, OSError):
+            try:
                 self._write(framing.credit_frame(stream, count))
+            except (ProtocolError, OSError):
+                pass
 
     def drain(self) -> None:
         """Read until every output stream is closed (or the channel fails), and return

@@ -1,12 +1,15 @@
 """The console socket contract (runc docs/terminals.md): a host pty whose master goes to
-the caller over an AF_UNIX socket, as exactly one SCM_RIGHTS message with one fd."""
+the caller over an AF_UNIX socket, as exactly one SCM_RIGHTS message with one fd.
+
+A terminal's shim imports it: ``_socket``, not socket (with enum, functools and
+collections; hull.runtime.shim says why).
+"""
 
 from __future__ import annotations
 
-import array
+import _socket
 import fcntl
 import os
-import socket
 import struct
 import termios
 import tty
@@ -23,10 +26,13 @@ def open_pty() -> tuple[int, int, str]:
 
 def send_master(socket_path: str, master: int, name: str) -> None:
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
             sock.connect(socket_path)
-            fds = array.array("i", [master])
-            sock.sendmsg([name.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sock.sendmsg([name.encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                            struct.pack("i", master))])
+        finally:
+            sock.close()
     except OSError as exc:
         raise HullError(f"console socket {socket_path}: {exc.strerror or exc}") from exc
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -127,8 +128,8 @@ async def probe(facts: SandboxFacts, timeout: float = PROBE_TIMEOUT) -> Probe:
     stats_container."""
     result = Probe()
     try:
-        channel = AgentChannel(connect_unix(facts.socket, f"sandbox {facts.label}: its "
-                                            f"{facts.server}"), f"sandbox {facts.label}")
+        raw = connect_unix(facts.socket, f"sandbox {facts.label}: its {facts.server}")
+        channel = AgentChannel(socket.socket(fileno=raw.detach()), f"sandbox {facts.label}")
     except HullError as exc:
         result.error = str(exc)
         return result

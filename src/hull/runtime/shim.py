@@ -16,38 +16,41 @@ A foreground `hull exec` runs :func:`serve` in its own process.
 Lean and synchronous on purpose (hull.proxy.blocking): a shim lives as long as its
 container process, and every module it imports stays in its memory — no asyncio, no CLI,
 no runtime state classes, no `logging` (hull.logline), no `json` (hull.agentapi.wirejson);
-started without `site` (:func:`command`) (docs/performance.md, host memory).
+started without `site` (:func:`command`); and nothing that imports functools or
+collections (enum, threading, socket, signal, contextlib): ``_thread``, ``_signal`` and
+``_socket`` instead, the protocol's enums from hull.agentapi.enums, the console module
+only for a terminal (docs/performance.md, host memory).
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
 import select
-import signal
 import sys
-import threading
 
 from hull.agentapi import schema, wirejson
 from hull.errors import HullError
 from hull.logline import LineLog
 from hull.proxy.blocking import READ_CHUNK, BlockingChannel, Output
-from hull.runtime import console
 from hull.runtime.proxysock import SOCKET_NAME, connect_unix, report
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal  # typeshed has no _signal; signal's functions are its own
     from collections.abc import Callable
     from typing import Any
 
     from hull.runtime.proxysock import PathLike
+else:
+    import _signal
 
 #: How long create_container / exec_process may take in the guest (without hooks).
 CREATE_TIMEOUT = 120.0
 #: Exit status when the VM or the proxy died under the process (like a SIGKILL).
-LOST = 128 + signal.SIGKILL
+LOST = 128 + _signal.SIGKILL
 #: Signals a shim does not forward: it needs them itself, or they cannot be caught.
-NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH}
+NOT_FORWARDED = {_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGCHLD, _signal.SIGWINCH}
 
 
 class ShimRequest:
@@ -137,8 +140,7 @@ def serve(req: ShimRequest, ready: int | None, log_error: Callable[[str], None])
         stdout = outputs[0].stream if host.stdout is not None else None
         stderr = outputs[-1].stream if host.stderr is not None and not host.terminal else None
         streams = schema.Stdio(stdin, stdout, stderr)
-        if req.terminal and host.stdout is not None and (size := console.window_size(
-                host.stdout)):
+        if req.terminal and host.stdout is not None and (size := _window_size(host.stdout)):
             payload = _with_console_size(payload, req.exec_id, size)
         method, body, timeout = _process_request(req, payload, streams)
         channel.request(method, body, timeout=timeout)
@@ -152,9 +154,9 @@ def serve(req: ShimRequest, ready: int | None, log_error: Callable[[str], None])
         channel.close()  # `hull create` died waiting: the proxy kills the process
         return LOST
     if stdin is not None and host.stdin is not None:
-        # A daemon thread: a read blocked on a terminal must not keep the shim alive.
-        threading.Thread(target=_pump_input, args=(channel, host.stdin, stdin),
-                         name="stdin", daemon=True).start()
+        # A thread the exit does not wait for: a read blocked on a terminal must not
+        # keep the shim alive.
+        _thread.start_new_thread(_pump_input, (channel, host.stdin, stdin))
     try:
         return _relay(req, channel, host, exited, log_error)
     finally:
@@ -165,6 +167,8 @@ def _host_stdio(req: ShimRequest) -> HostStdio:
     """The fds we inherited, or a new pty whose master went to the console socket."""
     if not req.console_socket:
         return HostStdio(terminal=req.terminal)
+    from hull.runtime import console  # socket, termios ...: only for a terminal
+
     try:
         master, slave, name = console.open_pty()
         console.make_controlling(slave)
@@ -210,7 +214,7 @@ def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
     cid, exec_id = req.container_id, req.exec_id
 
     def resize() -> None:
-        size = console.window_size(host.stdout) if host.stdout is not None else None
+        size = _window_size(host.stdout) if host.stdout is not None else None
         if size:
             channel.notify(schema.Method.RESIZE_PTY,
                            schema.params(schema.ResizePty(cid, exec_id, size[0], size[1])))
@@ -218,14 +222,16 @@ def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
     # Signals reach the loop below as bytes on a pipe (the handlers themselves do
     # nothing): a frame is never sent from inside a handler, half-way through another.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for sig in signal.valid_signals():
-        if sig in NOT_FORWARDED or not isinstance(sig, signal.Signals):
+    _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for sig in _signal.valid_signals() & _named_signals():
+        if sig in NOT_FORWARDED:
             continue
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            signal.signal(sig, _noted)
+        try:
+            _signal.signal(sig, _noted)
+        except (OSError, ValueError, RuntimeError):
+            pass
     if host.terminal:
-        signal.signal(signal.SIGWINCH, _noted)
+        _signal.signal(_signal.SIGWINCH, _noted)
         # A caller may size the console between create and now (containerd's shim does,
         # right after create): that SIGWINCH came before the handler, so look once.
         resize()
@@ -239,13 +245,13 @@ def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
                     channel.pump_ready()
                     continue
                 for signum in os.read(wake_r, 256):
-                    if signum == signal.SIGWINCH:
+                    if signum == _signal.SIGWINCH:
                         resize()
                     elif signum not in NOT_FORWARDED:
                         channel.notify(schema.Method.SIGNAL_PROCESS,
                                        schema.params(schema.SignalProcess(cid, exec_id, signum)))
     finally:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
         os.close(wake_r)
         os.close(wake_w)
     if not exited:
@@ -257,6 +263,23 @@ def _relay(req: ShimRequest, channel: BlockingChannel, host: HostStdio,
 
 def _noted(signum: int, frame: object) -> None:
     """Handler of the signals a shim forwards: the wake-up pipe carries the number."""
+
+
+def _named_signals() -> set[int]:
+    """The signals with a name (signal.Signals' members): not the unnamed real-time ones
+    between SIGRTMIN and SIGRTMAX."""
+    return {value for name, value in vars(_signal).items()
+            if name.startswith("SIG") and not name.startswith("SIG_") and isinstance(value, int)}
+
+
+def _window_size(fd: int) -> tuple[int, int] | None:
+    """A terminal's (rows, columns); None for anything else (no console module needed:
+    isatty first)."""
+    if not os.isatty(fd):
+        return None
+    from hull.runtime import console
+
+    return console.window_size(fd)
 
 
 def _with_console_size(payload: dict[str, Any], exec_id: str, size: tuple[int, int]
