@@ -28,7 +28,9 @@ def fake_proxy(argv):
     sys.stderr.write("proxy stderr\\n")
     sys.stderr.flush()
     os.write(ready, (" ".join(["ok", argv[-1], os.getcwd(), os.environ.get("MARK", "-"),
-                               oct(os.umask(0)), str(os.getsid(0) == os.getpid())])
+                               oct(os.umask(0)), str(os.getsid(0) == os.getpid()),
+                               str(len(os.environ.get("BIG", ""))),
+                               os.environ.get("SERVER_ONLY", "-")])
                      + "\\n").encode())
     os.close(ready)
     if argv[-1] == "linger":
@@ -46,7 +48,8 @@ sys.stdin.read()
 def server(tmp_path: Path) -> Iterator[tuple[Path, int, subprocess.Popen[str]]]:
     path = tmp_path / "fs.sock"
     daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(path), str(tmp_path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "SERVER_ONLY": "1"})
     assert daemon.stdout is not None
     pid, _held = (int(v) for v in daemon.stdout.readline().split())
     deadline = time.monotonic() + 10
@@ -90,6 +93,7 @@ def test_a_forked_proxy_gets_the_callers_setting(server: tuple[Path, int, object
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path, _, _ = server
     monkeypatch.setenv("MARK", "from-the-caller")
+    monkeypatch.setenv("BIG", "x" * 20000)  # a request far above a pool request's bound
     monkeypatch.chdir(tmp_path)
     old = os.umask(0o027)
     try:
@@ -97,7 +101,8 @@ def test_a_forked_proxy_gets_the_callers_setting(server: tuple[Path, int, object
     finally:
         os.umask(old)
     assert pid is not None
-    assert answer == f"ok c1 {tmp_path} from-the-caller 0o27 True"
+    # the caller's environment exactly: its variables, none of the server's own
+    assert answer == f"ok c1 {tmp_path} from-the-caller 0o27 True 20000 -"
     assert log.read_text() == "proxy stderr\n"
     _wait_gone(pid)
     time.sleep(0.2)
@@ -133,6 +138,12 @@ def test_refusals_leave_the_caller_to_start_its_proxy(server: tuple[Path, int, o
             assert "error" in answer
     assert _spawn(path, tmp_path, "c3")[1].startswith("ok c3"), "it serves on"
     assert forkserver.spawn(tmp_path / "none.sock", ["x"], 0, 2) is None
+    # Each connection got a child of its own, which answered and exited: all reaped.
+    _, server_pid, _ = server
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().strip():
+        assert time.monotonic() < deadline, "the server left children behind"
+        time.sleep(0.05)
 
 
 def test_the_server_dies_with_its_daemon_and_proxies_live_on(

@@ -343,3 +343,20 @@ def test_a_command_registers_only_its_verb(argv: list[str], expected: set[str] |
     got = subcommands(cli_main.build_parser(argv))
     every = {verb for verbs in cli_main.VERBS.values() for verb in verbs}
     assert got == (every if expected is None else expected)
+
+
+def test_a_prebuilt_parser_serves_its_verb_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fork server builds the proxy verb's parser once; its proxies parse with it."""
+    monkeypatch.setattr(cli_main, "_prebuilt", None)
+    cli_main.prebuild_parser(["proxy"])
+    argv = ["--root", "/tmp/r", "--log-format", "json", "proxy", "--ready-fd", "5",
+            "--bundle", "/b", "c1"]
+    parser = cli_main.build_parser(argv)
+    assert cli_main.build_parser(["--debug", "proxy", "x"]) is parser
+    args = parser.parse_args(argv)
+    again = parser.parse_args(argv)  # a parser serves many parses alike
+    assert vars(args) == vars(again) and args is not again
+    assert (args.root, args.log_format, args.verb, args.container_id) == (
+        "/tmp/r", "json", "proxy", "c1")
+    other = cli_main.build_parser(["state", "x"])
+    assert other is not parser and subcommands(other) == {"state"}

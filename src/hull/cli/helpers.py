@@ -40,8 +40,11 @@ PROXY_MODULES = ("asyncio", "hull.config.annotations", "hull.network.host",
 def preload_proxy() -> None:
     import importlib
 
+    from hull.cli.main import prebuild_parser
+
     for name in PROXY_MODULES:
         importlib.import_module(name)
+    prebuild_parser(["proxy"])
 
 
 def forked_proxy(argv: list[str]) -> int:

@@ -20,6 +20,8 @@ attached, the proxy's ready pipe and its stderr (proxy.log); ``"{ready}"`` in ar
 stands for the ready fd's number in the proxy. Answer ``{"pid": n}`` or ``{"error":
 why}``. ``code`` names the Hull installation the caller runs (:func:`code_id`): a server
 started by an older installation refuses, and the caller starts its proxy the usual way.
+The server forks as soon as it accepts a connection: the child reads the request,
+answers, and becomes the proxy or exits (:func:`_fork_for` says why).
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ from pathlib import Path
 
 import hull
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal  # typeshed has no _signal; signal's functions are its own
+else:
+    import _signal
+
 log = logging.getLogger("hull.forkserver")
 SOCKET = "forkserver.sock"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 REQUEST_TIMEOUT = 5.0
+#: Bound of a request line (the caller's environment is most of it).
+MAX_REQUEST = 1 << 20
 
 
 def code_id() -> str:
@@ -78,6 +88,7 @@ def _serve(path: Path, run: Callable[[list[str]], int], preload: Callable[[], No
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the daemon's lock above all
     preload()
+    own_code = code_id()  # what this server runs, whatever is installed later
     gc.collect()
     gc.freeze()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -98,7 +109,7 @@ def _serve(path: Path, run: Callable[[list[str]], int], preload: Callable[[], No
             if listener.fileno() in ready:
                 conn, _ = listener.accept()
                 with conn:
-                    _handle(conn, listener, run, (wake_r, wake_w))
+                    _fork_for(conn, (listener.fileno(), wake_r, wake_w), run, libc, own_code)
 
 
 def _reap() -> None:
@@ -107,19 +118,71 @@ def _reap() -> None:
             pass
 
 
-def _handle(conn: socket.socket, listener: socket.socket,
-            run: Callable[[list[str]], int], wake: tuple[int, int]) -> None:
-    from hull.runtime.pool import recv_line  # the server's: the callers need none of pool
+def _fork_for(conn: socket.socket, server_fds: tuple[int, ...],
+              run: Callable[[list[str]], int], libc: ctypes.CDLL, own_code: str) -> None:
+    """Fork at once; the child reads and checks the request, answers with its own pid
+    and becomes the proxy, or answers why not and exits.
 
+    The server does as little as it can between forks: every page it writes after a fork
+    stays a private copy in the children forked before (a page they all shared until
+    then). Reading and parsing the request in the server cost each proxy ~0.5 MiB that
+    way (docs/performance.md, host memory)."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"error": f"fork: {exc.strerror}"}).encode() + b"\n")
+        return
+    if pid:
+        return
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for fd in server_fds:
+            os.close(fd)
+        _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)  # _signal: no enum conversions
+        request = _read_request(conn, own_code)
+        if request is None:
+            status = 0
+            return
+        argv, cwd, env, umask, (ready_fd, stderr_fd) = request
+        # Its command line stays the daemon's; ps -o comm, top and pgrep show this.
+        libc.prctl(PR_SET_NAME, b"hull-proxy", 0, 0, 0)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(stderr_fd, 2)
+        os.close(devnull)
+        os.close(stderr_fd)
+        os.set_inheritable(ready_fd, False)
+        os.chdir(cwd)
+        os.umask(umask)
+        _set_environ(env)
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        conn.close()
+        status = run([str(ready_fd) if a == "{ready}" else a for a in argv])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("forked proxy failed")
+    finally:
+        os._exit(status)
+
+
+def _read_request(conn: socket.socket, own_code: str
+                  ) -> tuple[list[str], str, dict[str, str], int, list[int]] | None:
+    """The request on ``conn`` (argv, cwd, env, umask, [ready fd, stderr fd]); None
+    after answering why it cannot be served."""
     fds: list[int] = []
     try:
         conn.settimeout(REQUEST_TIMEOUT)
-        line, fds = recv_line(conn, 2)
+        line = _recv_line(conn, fds)
         request = json.loads(line)
         argv = [str(a) for a in request["argv"]]
         cwd, env = str(request["cwd"]), {str(k): str(v) for k, v in request["env"].items()}
         umask = int(request["umask"])
-        if request.get("code") != code_id():
+        if request.get("code") != own_code:
             raise ValueError("started by another Hull installation")
         if len(fds) != 2:
             raise ValueError(f"{len(fds)} fds instead of 2")
@@ -128,40 +191,37 @@ def _handle(conn: socket.socket, listener: socket.socket,
             conn.sendall(json.dumps({"error": str(exc)}).encode() + b"\n")
         for fd in fds:
             os.close(fd)
-        return
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for fd in (*wake, listener.fileno(), conn.fileno()):
-                os.close(fd)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            # Its command line stays the daemon's; ps -o comm, top and pgrep show this.
-            ctypes.CDLL(None).prctl(PR_SET_NAME, b"hull-proxy", 0, 0, 0)
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.dup2(fds[1], 2)
-            os.close(devnull)
-            os.close(fds[1])
-            os.set_inheritable(fds[0], False)
-            os.chdir(cwd)
-            os.umask(umask)
-            os.environ.clear()
-            os.environ.update(env)
-            status = run([str(fds[0]) if a == "{ready}" else a for a in argv])
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            log.exception("forked proxy failed")
-        finally:
-            os._exit(status)
-    for fd in fds:
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        return None
+    return argv, cwd, env, umask, fds
+
+
+def _recv_line(conn: socket.socket, fds: list[int]) -> bytes:
+    """The request line, in large reads (the child owns the connection: nothing after
+    the line matters), with the fds that came along added to ``fds`` (at most 2)."""
+    chunks: list[bytes] = []
+    size = 0
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        data, got, flags, _ = socket.recv_fds(conn, 1 << 16, 2)
+        fds.extend(got)
+        if flags & socket.MSG_CTRUNC or len(fds) > 2:
+            raise ValueError("more than 2 file descriptors sent")
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+        if size > MAX_REQUEST:
+            raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+    return b"".join(chunks)
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Make os.environ ``env``, changing only what differs: the server's environment is
+    usually the caller's, and every string replaced would be a page written."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def spawn(path: Path, argv: list[str], ready_fd: int, stderr_fd: int) -> int | None:
