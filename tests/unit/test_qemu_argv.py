@@ -28,9 +28,24 @@ def test_microvm_tcg() -> None:
     assert "socket,id=agent,fd=5" in opt(args, "-chardev")
     assert "socket,id=qmp,fd=6" in opt(args, "-chardev")
     assert "virtserialport,bus=vser0.0,chardev=agent,name=hull.agent" in opt(args, "-device")
-    assert "virtio-serial-device,id=vser0" in opt(args, "-device")
+    assert "virtio-serial-device,id=vser0,max_ports=2" in opt(args, "-device")
     assert opt(args, "-sandbox") == [argv.SANDBOX]
     assert "-no-reboot" in args and "-nodefaults" in args
+    assert opt(args, "-machine")[0].endswith(",ioapic2=off")  # rng + serial: 2 devices
+
+
+@pytest.mark.parametrize("nics, extra, second_ioapic", [
+    (5, (), False),  # rng, serial, a 9p share, 5 NICs: 8 devices, 8 transports
+    (6, (), True),  # 9 devices: the second IO-APIC's 24 transports
+    (1, ("-device", "virtio-balloon-device"), True),  # devices Hull does not count
+])
+def test_microvm_has_a_second_io_apic_only_when_it_needs_one(
+        nics: int, extra: tuple[str, ...], second_ioapic: bool) -> None:
+    shares = (Share("hullroot", Path("/r")),)
+    vm = config(shares=shares, extra_args=extra,
+                nics=tuple(Nic(f"02:00:00:00:00:{i:02x}", -1, 1500) for i in range(nics)))
+    machine = opt(argv.build("q", vm, argv.Fds(3, 4)), "-machine")[0]
+    assert ("ioapic2=off" not in machine) is second_ioapic
 
 
 def test_shares_and_escaping() -> None:
@@ -48,7 +63,7 @@ def test_q35_kvm_uses_pci_devices_and_host_cpu() -> None:
     assert opt(args, "-machine") == ["q35,accel=kvm"]
     assert opt(args, "-cpu") == ["host"]
     assert opt(args, "-smp") == ["2"] and opt(args, "-m") == ["512M"]
-    assert "virtio-serial-pci,id=vser0" in opt(args, "-device")
+    assert "virtio-serial-pci,id=vser0,max_ports=2" in opt(args, "-device")
 
 
 def test_kernel_params_are_appended_last() -> None:
@@ -91,7 +106,7 @@ def test_aarch64_virt_tcg() -> None:
     assert {*argv.BASE_KERNEL_PARAMS} <= {*params}
     # virtio-mmio transports of -machine virt: the "-device" variants, no PCI option ROMs
     devices = opt(args, "-device")
-    assert "virtio-serial-device,id=vser0" in devices
+    assert "virtio-serial-device,id=vser0,max_ports=2" in devices
     assert "virtio-rng-device,rng=rng0" in devices
     assert "virtio-9p-device,fsdev=fs0,mount_tag=hullroot" in devices
     assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1500" in devices

@@ -54,6 +54,11 @@ class Fds:
     vsock_cid: int = 0
 
 
+#: Virtio-mmio transports of a microvm with one IO-APIC (QEMU's VIRTIO_NUM_TRANSPORTS
+#: without ioapic2).
+MICROVM_TRANSPORTS = 8
+
+
 class Machine:
     """One QEMU machine type: its architecture, ``-machine``, ``-cpu``, device names and
     kernel parameters. The base class is the x86_64 part; Virt overrides it for aarch64."""
@@ -62,7 +67,8 @@ class Machine:
     arch = "x86_64"  # the guest's architecture (uname -m)
     device_suffix = ""
 
-    def machine_arg(self, accel: Accel) -> str:
+    def machine_arg(self, accel: Accel, virtio_devices: int | None = None) -> str:
+        """``virtio_devices``: how many virtio devices the VM gets (None: unknown)."""
         raise NotImplementedError
 
     def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
@@ -91,11 +97,15 @@ class Microvm(Machine):
     name = "microvm"
     device_suffix = "-device"
 
-    def machine_arg(self, accel: Accel) -> str:
+    def machine_arg(self, accel: Accel, virtio_devices: int | None = None) -> str:
         # No PIT/PIC (the kernel uses the TSC and the LAPIC), no option ROMs; the ISA
         # serial stays on for the console; the RTC gives the guest a wall clock early.
-        return (f"microvm,accel={accel},x-option-roms=off,pit=off,pic=off,isa-serial=on,"
-                "rtc=on")
+        arg = f"microvm,accel={accel},x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on"
+        if virtio_devices is not None and virtio_devices <= MICROVM_TRANSPORTS:
+            # A second IO-APIC (on by default with ACPI) brings 24 virtio-mmio transports,
+            # ~30 KiB of QEMU heap each; with one there are 8 (docs/performance.md).
+            arg += ",ioapic2=off"
+        return arg
 
     def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
         return (*super().kernel_params(config), "pci=off")  # no PCI bus: skip probing it
@@ -105,7 +115,7 @@ class Q35(Machine):
     name = "q35"
     device_suffix = "-pci"
 
-    def machine_arg(self, accel: Accel) -> str:
+    def machine_arg(self, accel: Accel, virtio_devices: int | None = None) -> str:
         return f"q35,accel={accel}"
 
 
@@ -119,7 +129,7 @@ class Virt(Machine):
     arch = "aarch64"
     device_suffix = "-device"
 
-    def machine_arg(self, accel: Accel) -> str:
+    def machine_arg(self, accel: Accel, virtio_devices: int | None = None) -> str:
         return f"virt,gic-version=3,accel={accel}"
 
     def kernel_params(self, config: VMConfig) -> tuple[str, ...]:
@@ -189,14 +199,18 @@ def channel_args(machine: Machine, config: VMConfig, fds: Fds) -> list[str]:
             raise ValueError("the vsock channel needs an open /dev/vhost-vsock fd")
         return ["-device", f"{machine.vsock_device()},id=vsock0,guest-cid={fds.vsock_cid},"
                            f"vhostfd={fds.vhost_vsock}"]
-    return ["-device", f"{machine.device('serial')},id=vser0",
+    # max_ports=2: port 0 is reserved for a console, port 1 is the agent's; the default
+    # (31) costs QEMU ~0.4 MiB of virtqueue arrays (docs/performance.md).
+    return ["-device", f"{machine.device('serial')},id=vser0,max_ports=2",
             "-chardev", f"socket,id=agent,fd={fds.agent}",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"]
 
 
 def build(qemu: str, config: VMConfig, fds: Fds) -> list[str]:
     machine = machine_for(config.machine_type)
-    machine_arg = machine.machine_arg(config.accel)
+    # rng, the agent channel, the 9p shares, the NICs; unknown with extra arguments
+    devices = None if config.extra_args else 2 + len(config.shares) + len(config.nics)
+    machine_arg = machine.machine_arg(config.accel, devices)
     if config.memory_file is not None:
         machine_arg += ",memory-backend=mem"
     argv = [
