@@ -21,7 +21,8 @@ from tests.unit.test_qemu_argv import opt
 
 
 def test_template_tags_are_the_runtime_s() -> None:
-    assert factory.TEMPLATE_TAGS == (layout.ROOTFS_TAG, sharedfs.SHARE_TAG)
+    # One 9p device: CLI containers of an enabled factory use the pod layout too.
+    assert factory.TEMPLATE_TAGS == (sharedfs.SHARE_TAG,)
     assert pod.SHARE_TAG == sharedfs.SHARE_TAG
 
 
@@ -65,13 +66,17 @@ SPARES = tuple(range(20, 20 + factory.TEMPLATE_NICS))  # stand-ins for PrivateTa
 
 def test_clone_config_points_the_template_devices_at_the_clone_dirs(tmp_path: Path) -> None:
     t = template(tmp_path)
-    rootfs = Share("hullroot", Path("/bundle/rootfs"), readonly=True)
-    clone = factory.clone_config(vm(shares=(rootfs,)), t, 7, SPARES)
-    assert clone.shares == (rootfs, Share("hullshared", t.empty, readonly=True))
-    assert clone.memory_file == t.ram and not clone.memory_shared and clone.incoming_fd == 7
     pod_share = Share("hullshared", Path("/pod/shared"))
-    assert factory.clone_config(vm(shares=(pod_share,)), t, 7, SPARES).shares == (
-        Share("hullroot", t.empty, readonly=True), pod_share)
+    clone = factory.clone_config(vm(shares=(pod_share,)), t, 7, SPARES)
+    assert clone.shares == (pod_share,)
+    assert clone.memory_file == t.ram and not clone.memory_shared and clone.incoming_fd == 7
+    # no share: the device exports the template's empty directory
+    assert factory.clone_config(vm(), t, 7, SPARES).shares == (
+        Share("hullshared", t.empty, readonly=True),)
+    # a rootfs device of its own (no factory's layout): the template cannot serve it
+    rootfs = Share(layout.ROOTFS_TAG, Path("/bundle/rootfs"), readonly=True)
+    with pytest.raises(factory.Unusable, match="not the template's"):
+        factory.clone_config(vm(shares=(rootfs, pod_share)), t, 7, SPARES)
 
 
 def test_every_clone_nic_has_a_tap(tmp_path: Path) -> None:

@@ -36,14 +36,14 @@ def config(pool_size: int, enabled: bool = True) -> Config:
 
 
 @pytest.mark.parametrize(("enabled", "pool_size", "pod"),
-                         [(True, 2, True), (True, 0, False), (False, 2, False)])
-def test_the_pod_layout_only_where_a_pool_can_serve(tmp_path: Path, enabled: bool,
-                                                    pool_size: int, pod: bool) -> None:
+                         [(True, 2, True), (True, 0, True), (False, 2, False)])
+def test_the_pod_layout_wherever_a_template_can_serve(tmp_path: Path, enabled: bool,
+                                                      pool_size: int, pod: bool) -> None:
     b = make_bundle(tmp_path / "b")
     files = layout.Files.of(config(pool_size, enabled), b, tmp_path / "shared", "c1")
     assert files.pod_layout is pod
     shares = files.before_boot()
-    if pod:  # one share, empty: a pooled clone's directory is bound on it
+    if pod:  # one share, empty: a pooled clone's directory is bound on it (or exported)
         assert [(s.tag, s.path) for s in shares] == [(sharedfs.SHARE_TAG, tmp_path / "shared")]
         assert list((tmp_path / "shared").iterdir()) == []
     else:  # the rootfs is a device of its own; nothing staged, no shared device

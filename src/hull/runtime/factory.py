@@ -17,7 +17,10 @@ below, is never used: the sandbox boots cold, with a notice.
 Container rootfs: shares cannot be hot-plugged on microvm, so every template has a fixed
 set of 9p devices (TEMPLATE_TAGS), exported from an empty directory. The fsdev path is
 not part of the migration stream, so a clone's command line points each device at the
-clone's own directory (or the empty one when it has no share of that tag).
+clone's own directory (or the empty one when it has no share of that tag). One device:
+the shared directory, where the container's rootfs is bound beside its bind sources (the
+pod layout, hull.runtime.layout, which every sandbox of an enabled factory uses); a second
+device for the rootfs would cost each clone ~1.2 MiB of QEMU memory (docs/performance.md).
 
 Network: nor can NICs be hot-plugged (the guest only sees the virtio-mmio devices the
 firmware tables listed at its boot), so every template has TEMPLATE_NICS virtio-net
@@ -75,7 +78,7 @@ MANIFEST = "manifest.json"
 #: 3: the NICs are booted with vnet-header taps (checksum and TSO offloads negotiated)
 #: 4: the template's guest zeroes the pages it frees (TEMPLATE_PARAMS), and the zero pages
 #: of its RAM file are punched out
-FORMAT = 5  # 5: microvm with one IO-APIC, virtio-serial with 2 ports
+FORMAT = 5  # 5: one IO-APIC, 2 virtio-serial ports, one 9p device
 #: Kernel parameters of a template's guest, beyond the sandbox's own. ``init_on_free=1``:
 #: the guest zeroes pages as it frees them and so does not zero them again when it hands
 #: them out; a page a clone allocates and fills only in part then stays the template's,
@@ -85,9 +88,9 @@ TEMPLATE_PARAMS = ("init_on_free=1",)
 TEMPLATE_NICS = 1
 #: The spare NICs' host_mtu: the guest's maximum MTU (configure_network sets the veth's).
 TEMPLATE_MTU = 65535
-#: The 9p devices every template has, in order: the rootfs of `hull run`/`create`
-#: (hull.runtime.layout.ROOTFS_TAG) and the shared directory of bind mounts and pods.
-TEMPLATE_TAGS = ("hullroot", SHARE_TAG)
+#: The 9p devices every template has: the shared directory, of pods and of CLI
+#: containers alike (their rootfs and bind sources; hull.runtime.layout's pod layout).
+TEMPLATE_TAGS = (SHARE_TAG,)
 #: A QEMU migration stream starts with "QEVM".
 STATE_MAGIC = b"QEVM"
 

@@ -2,19 +2,21 @@
 
 Two layouts; :meth:`Files.of` picks one from the configuration.
 
-* **Own devices** (the default): the rootfs is a 9p device of its own (tag
+* **Own devices** (without the factory): the rootfs is a 9p device of its own (tag
   :data:`ROOTFS_TAG`, read-only on the host for a read-only rootfs); the bind sources are
   staged in the container's shared directory (hull.runtime.sharedfs), exported as a
   second device when there are any. QEMU's command line names both: they are made
   before the VM starts.
-* **Pod layout** (the factory keeps a pool, factory.pool_size): ONE device, the shared
+* **Pod layout** (the factory is enabled, factory.enabled): ONE device, the shared
   directory, with the rootfs bound at ``<cid>/rootfs`` beside the staged sources, as in
-  a shim v2 pod. That is the only shape a clone the pool restored ahead of demand can
-  serve (hull.runtime.pool.fits): its 9p device was fixed before anyone leased it. So
-  the binds are made *after* the sandbox has its VM: the pooled clone's exported
-  directory is bound onto the (still empty) shared directory first, and binds made
-  under it afterwards reach QEMU by mount propagation. Without a pooled clone at hand
-  (none idle, another size) the same layout serves a clone of its own or a cold boot.
+  a shim v2 pod. Templates have that one device only (a second 9p device costs each
+  clone ~1.2 MiB of QEMU memory, hull.runtime.factory), and it is the only shape a
+  clone the pool restored ahead of demand can serve (hull.runtime.pool.fits): its 9p
+  device was fixed before anyone leased it. So the binds are made *after* the sandbox
+  has its VM: a pooled clone's exported directory is bound onto the (still empty)
+  shared directory first, and binds made under it afterwards reach QEMU by mount
+  propagation. A clone restored on demand exports the shared directory itself, and a
+  cold boot (no usable template) does the same.
 
 Whoever sends create_container asks :func:`rootfs_request` which layout the staging
 made (a mount point at ``<cid>/rootfs``: only the host makes those), as guest_spec looks
@@ -67,8 +69,7 @@ class Files:
 
     @classmethod
     def of(cls, config: Config, bundle: Bundle, staging: Path, cid: str) -> Files:
-        pooled = config.factory.enabled and config.factory.pool_size > 0
-        return cls(bundle, staging, cid, pooled)
+        return cls(bundle, staging, cid, pod_layout=config.factory.enabled)
 
     def before_boot(self) -> tuple[Share, ...]:
         """Stage what must exist before QEMU starts; the VM's shares. ShareError names
