@@ -78,7 +78,8 @@ MANIFEST = "manifest.json"
 #: 3: the NICs are booted with vnet-header taps (checksum and TSO offloads negotiated)
 #: 4: the template's guest zeroes the pages it frees (TEMPLATE_PARAMS), and the zero pages
 #: of its RAM file are punched out
-FORMAT = 5  # 5: one IO-APIC, 2 virtio-serial ports, one 9p device
+#: 5: microvm with one IO-APIC, virtio-serial with 2 ports, one 9p device (the shared one)
+FORMAT = 5
 #: Kernel parameters of a template's guest, beyond the sandbox's own. ``init_on_free=1``:
 #: the guest zeroes pages as it frees them and so does not zero them again when it hands
 #: them out; a page a clone allocates and fills only in part then stays the template's,
