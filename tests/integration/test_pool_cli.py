@@ -201,6 +201,11 @@ def test_fork_server_without_a_pool(hull: Runner, bundle: BundleFactory, tmp_pat
                         assert daemon is None and b"pool:" not in status.stdout
                         assert Path(f"/proc/{proxy}/comm").read_text().strip() != (
                             "hull-proxy")
+                    # The pod layout without a pool: the rootfs bound into the one share.
+                    assert sharedfs.mounts_under(state_root / cid / "shared" / cid / "rootfs")
+                    os.kill(proxy, signal.SIGKILL)  # a dead proxy: delete --force cleans
                     assert cli("delete", "--force", cid).returncode == 0
+                assert sharedfs.mounts_under(state_root) == []
+                assert not (state_root / cid).exists()
     finally:
         reap_all()
