@@ -109,6 +109,14 @@ class _Member:
     def __repr__(self) -> str:
         return f"<{type(self).__name__}.{self._name_}: {self._value_!r}>"
 
+    # The value is a plain str or int: str() and format() of it are the member's own,
+    # as StrEnum and IntEnum give them since Python 3.11.
+    def __str__(self) -> str:
+        return str(self._value_)
+
+    def __format__(self, spec: str) -> str:
+        return format(self._value_, spec)
+
     def __reduce_ex__(self, protocol: object) -> tuple[object, tuple[object]]:
         return type(self), (self._value_,)
 
@@ -122,18 +130,6 @@ class _Member:
 class StrEnum(_Member, str, metaclass=_EnumType):
     _base_type_ = str
 
-    def __str__(self) -> str:
-        return str.__str__(self._value_)
-
-    def __format__(self, spec: str) -> str:
-        return str.__format__(self._value_, spec)  # type: ignore[arg-type]
-
 
 class IntEnum(_Member, int, metaclass=_EnumType):
     _base_type_ = int
-
-    def __str__(self) -> str:
-        return int.__repr__(self._value_)
-
-    def __format__(self, spec: str) -> str:
-        return int.__format__(self._value_, spec)  # type: ignore[arg-type]
